@@ -1,0 +1,5 @@
+"""`python -m convergedb`: the command-line tool."""
+
+from .cli import main
+
+main()

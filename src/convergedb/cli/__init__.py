@@ -1,0 +1,19 @@
+"""The `convergedb` command-line tool."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="convergedb")
+def main() -> None:
+    """ConvergeDB: live, merged entity state from many writers, pushed to subscribers."""
+
+
+@main.command()
+def serve() -> None:
+    """Start a ConvergeDB server."""
+    raise click.ClickException("the server is not built yet (see the open issues)")
