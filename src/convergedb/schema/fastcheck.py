@@ -97,9 +97,7 @@ def compile_row_check(
             b.lines.append(f"check{f.ordinal}(row, p, p + {length})")
         else:
             size = f.element_size
-            b.lines.append(
-                f"if {length} % {size} or {length} > {size * f.max_count}: return False"
-            )
+            b.lines.append(f"if {length} % {size} or {length} > {size * f.max_count}: return False")
         b.lines.append(f"p += {length}")
     return _generate(b, fixed_size, namespace)
 
@@ -109,7 +107,9 @@ def _has_element_checks(f: Field) -> bool:
     return any(m.type is FieldType.BOOL or m.type.is_text for m in members)
 
 
-def _generate(b: _Builder, fixed_size: int, namespace: dict[str, object]) -> Callable[[bytes], bool]:
+def _generate(
+    b: _Builder, fixed_size: int, namespace: dict[str, object]
+) -> Callable[[bytes], bool]:
     body = [f"if len(row) < {fixed_size}: return False"]
     if b.names:
         namespace["probe"] = struct.Struct("<" + "".join(b.formats)).unpack_from
@@ -122,4 +122,4 @@ def _generate(b: _Builder, fixed_size: int, namespace: dict[str, object]) -> Cal
     exec(compile(source, "<convergedb row check>", "exec"), namespace)
     check = namespace["is_valid"]
     assert callable(check)
-    return check  # type: ignore[no-any-return]
+    return check
