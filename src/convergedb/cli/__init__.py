@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .serve import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -13,7 +14,4 @@ def main() -> None:
     """ConvergeDB: live, merged entity state from many writers, pushed to subscribers."""
 
 
-@main.command()
-def serve() -> None:
-    """Start a ConvergeDB server."""
-    raise click.ClickException("the server is not built yet (see the open issues)")
+main.add_command(serve)

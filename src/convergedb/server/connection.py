@@ -1,0 +1,354 @@
+"""One client connection: frames in, dispatch by opcode, replies and errors out.
+
+Where a frame is parsed: `data_received` feeds the FrameReader, `_dispatch` routes each frame.
+Write operations go to the engine (`server/engine.py`); requests are answered here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, cast
+
+from ..limits import DEFAULT_LIVENESS_DEADLINE_MS, READ_ONLY_SOURCE_ID
+from ..protocol.codes import (
+    CLOSING_ERRORS,
+    SERVER_CLOSING_FLAG,
+    ConnectMode,
+    ErrorCode,
+    Opcode,
+    QueryStatus,
+)
+from ..protocol.errors import ProtocolError, error_code_for, malformed
+from ..protocol.frame import Frame, FrameReader
+from ..protocol.messages import (
+    Assert,
+    Connect,
+    Connected,
+    CreateKind,
+    Error,
+    GetKind,
+    KindInfo,
+    KindList,
+    ListKinds,
+    Message,
+    Ok,
+    Patch,
+    Pong,
+    Query,
+    QueryResult,
+    Retract,
+    Sync,
+    encode_message,
+    iter_batch,
+)
+from ..schema.errors import SchemaError
+from ..schema.evolution import check_prefix
+from .catalog import KindState
+
+if TYPE_CHECKING:
+    from .app import Server
+
+log = logging.getLogger("convergedb.connection")
+
+BytesLike = bytes | memoryview
+Handler = Callable[["ServerConnection", Frame], None]
+
+_REQUESTS: Final = frozenset(
+    {
+        Opcode.CONNECT,
+        Opcode.QUERY,
+        Opcode.SUBSCRIBE,
+        Opcode.UNSUBSCRIBE,
+        Opcode.SOURCE_EPOCH_BEGIN,
+        Opcode.SOURCE_EPOCH_END,
+        Opcode.SYNC,
+        Opcode.SUBSCRIBE_EVENTS,
+        Opcode.CREATE_KIND,
+        Opcode.GET_KIND,
+        Opcode.LIST_KINDS,
+    }
+)
+"""Opcodes that need a reply, hence a non-zero stream id."""
+
+
+class ServerConnection(asyncio.Protocol):
+    """The server side of one TCP connection."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.engine = server.engine
+        self.catalog = server.catalog
+        self.reader = FrameReader(server.config.max_payload)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.connected = False
+        self.read_only = True
+        self.source_id: int | None = None
+        self.bit = 0
+        self.name = ""
+        self.liveness_deadline_ms = 0
+        self.connected_at_ms = 0
+        self.last_write_generation = 0
+        self.closing = False
+
+    # transport events ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if not self.server.admit(self):
+            self.send_error(
+                ProtocolError(ErrorCode.LIMIT_EXCEEDED, "the server has too many connections"),
+                0,
+                close=True,
+            )
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+        except ProtocolError as exc:
+            self.send_error(exc, 0, close=True)
+            return
+        for frame in frames:
+            if self.closing:
+                return
+            self._dispatch(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.forget(self)
+
+    # sending ------------------------------------------------------------------------------------
+
+    def send(self, message: Message, stream_id: int, flags: int = 0) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encode_message(message, stream_id, flags))
+
+    def send_error(self, exc: ProtocolError, stream_id: int, *, close: bool = False) -> None:
+        """Report an error; closing errors (and `close`) end the connection after it."""
+        closes = close or exc.code in CLOSING_ERRORS
+        self.send(Error.from_exception(exc), stream_id, SERVER_CLOSING_FLAG if closes else 0)
+        if closes:
+            self.close()
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def taken_over(self) -> None:
+        """Another connection took this one's source over."""
+        message = f"source {self.source_id} was taken over by another connection"
+        log.info("%s: %s", self.peer, message)
+        self.source_id = None  # the source is no longer ours to release
+        self.send_error(ProtocolError(ErrorCode.TAKEN_OVER, message), 0)
+
+    # dispatch -----------------------------------------------------------------------------------
+
+    def _dispatch(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        stream_id = frame.stream_id
+        if not self.connected and opcode not in (Opcode.CONNECT, Opcode.HEARTBEAT):
+            error = ProtocolError(ErrorCode.NOT_CONNECTED, "send CONNECT first", opcode)
+            self.send_error(error, stream_id, close=True)
+            return
+        handler = _HANDLERS.get(opcode)
+        try:
+            if handler is None:
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_OPCODE, f"unknown opcode 0x{opcode:02x}", opcode
+                )
+            if stream_id == 0 and opcode in _REQUESTS:
+                raise malformed(f"{Opcode(opcode).name} needs a non-zero stream id", opcode)
+            handler(self, frame)
+        except (ProtocolError, SchemaError) as exc:
+            self._report(exc, opcode, stream_id)
+
+    def _report(self, exc: Exception, opcode: int, stream_id: int) -> None:
+        error = (
+            exc
+            if isinstance(exc, ProtocolError)
+            else ProtocolError(error_code_for(exc), str(exc), opcode)
+        )
+        if not error.op:
+            error.op = opcode
+        if opcode in _WRITES:
+            stream_id = 0  # rejected writes are reported asynchronously
+        self.send_error(error, stream_id, close=not self.connected)
+
+    # connecting ---------------------------------------------------------------------------------
+
+    def _on_connect(self, frame: Frame) -> None:
+        request = Connect.decode(frame.payload)
+        if self.connected:
+            raise ProtocolError(
+                ErrorCode.ALREADY_CONNECTED, "this connection is already connected", Opcode.CONNECT
+            )
+        server = self.server
+        grant = server.authenticator.authorize(request.auth_token, request.mode, request.source_id)
+        deadline = request.liveness_deadline_ms or DEFAULT_LIVENESS_DEADLINE_MS
+        self.liveness_deadline_ms = min(deadline, server.config.max_liveness_ms)
+        self.name = request.name
+        if request.mode is not ConnectMode.READ_ONLY:
+            previous = None
+            if request.mode is ConnectMode.ALLOCATE:
+                allowed = None if grant is None else grant.sources
+                self.source_id = server.sources.allocate(self, allowed)
+            else:
+                takeover = request.mode is ConnectMode.TAKEOVER
+                previous = server.sources.claim(request.source_id, self, takeover=takeover)
+                self.source_id = request.source_id
+            self.bit = 1 << self.source_id
+            self.read_only = False
+            if previous is not None:
+                previous.taken_over()
+        self.connected = True
+        self.connected_at_ms = int(time.time() * 1000)
+        server.connected(self)
+        source = READ_ONLY_SOURCE_ID if self.source_id is None else self.source_id
+        config = server.config
+        reply = Connected(
+            source, self.liveness_deadline_ms, config.window_ms, config.max_payload, server.version
+        )
+        self.send(reply, frame.stream_id)
+
+    def _on_heartbeat(self, frame: Frame) -> None:
+        if frame.stream_id:
+            self.send(Pong(), frame.stream_id)
+
+    # writes -------------------------------------------------------------------------------------
+
+    def _writable_kind(self, kind_id: int, op: int) -> KindState:
+        if self.read_only:
+            raise ProtocolError(ErrorCode.READ_ONLY, "a read-only connection cannot write", op)
+        kind = self.catalog.get(kind_id, op)
+        if kind.system:
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN, f"{kind.name} is a system kind: only the server writes it", op
+            )
+        return kind
+
+    def _write_assert(self, payload: BytesLike) -> None:
+        op = Assert.decode(payload)
+        kind = self._writable_kind(op.kind_id, Opcode.ASSERT)
+        self.engine.write_assert(kind, op.eid, op.data, self.bit, op.meta)
+        self.last_write_generation = self.engine.generation
+
+    def _write_patch(self, payload: BytesLike) -> None:
+        op = Patch.decode(payload)
+        kind = self._writable_kind(op.kind_id, Opcode.PATCH)
+        self.engine.write_patch(kind, op.eid, op.mask, op.values, self.bit, op.meta)
+        self.last_write_generation = self.engine.generation
+
+    def _write_retract(self, payload: BytesLike) -> None:
+        op = Retract.decode(payload)
+        kind = self._writable_kind(op.kind_id, Opcode.RETRACT)
+        self.engine.write_retract(kind, op.eid, self.bit, op.meta)
+        self.last_write_generation = self.engine.generation
+
+    def _on_write(self, frame: Frame) -> None:
+        _WRITE_APPLIERS[frame.opcode](self, frame.payload)
+
+    def _on_batch(self, frame: Frame) -> None:
+        try:
+            for op, body in iter_batch(frame.payload):
+                apply = _WRITE_APPLIERS.get(op)
+                try:
+                    if apply is None:
+                        raise malformed(f"BATCH: 0x{op:02x} is not a write operation", op)
+                    apply(self, body)
+                except (ProtocolError, SchemaError) as exc:
+                    self._report(exc, op, 0)
+        except ProtocolError as exc:
+            self._report(exc, Opcode.BATCH, 0)
+
+    # requests -----------------------------------------------------------------------------------
+
+    def _on_query(self, frame: Frame) -> None:
+        request = Query.decode(frame.payload)
+        kind = self.catalog.get(request.kind_id, Opcode.QUERY)
+        entity = self.engine.committed(kind, request.eid)
+        if entity is None:
+            reply = QueryResult(QueryStatus.NOT_FOUND, 0, 0, b"")
+        elif entity.sources:
+            row = kind.current_row(entity)
+            reply = QueryResult(QueryStatus.ALIVE, entity.version, entity.sources, row)
+        else:
+            reply = QueryResult(QueryStatus.TOMBSTONE, entity.version, 0, b"")
+        self.send(reply, frame.stream_id)
+
+    def _on_sync(self, frame: Frame) -> None:
+        Sync.decode(frame.payload)
+        stream_id = frame.stream_id
+        flushed = self.engine.wait_flushed(self.last_write_generation)
+        flushed.add_done_callback(lambda done: self.send(Ok(done.result()), stream_id))
+
+    def _on_create_kind(self, frame: Frame) -> None:
+        request = CreateKind.decode(frame.payload)
+        if self.read_only:
+            raise ProtocolError(
+                ErrorCode.READ_ONLY,
+                "a read-only connection cannot register kinds",
+                Opcode.CREATE_KIND,
+            )
+        before = self.catalog.by_name.get(request.kind.name)
+        old_count = None if before is None else len(before.definition.fields)
+        kind, changed = self.catalog.register(request.kind)
+        stream_id = frame.stream_id
+        if not changed:
+            self.send(_kind_info(kind), stream_id)
+            return
+        appended = old_count is not None and len(kind.definition.fields) > old_count
+        self.engine.kind_changed(kind, old_count if appended else None)
+        log.info("kind %r registered: id %d, schema version %d", kind.name, kind.kind_id,
+                 kind.schema_version)  # fmt: skip
+        durable = self.engine.wait_flushed(self.engine.generation)
+        durable.add_done_callback(lambda _: self.send(_kind_info(kind), stream_id))
+
+    def _on_get_kind(self, frame: Frame) -> None:
+        request = GetKind.decode(frame.payload)
+        kind = self.catalog.by_name.get(request.name)
+        if kind is None:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_KIND,
+                f"no kind named {request.name!r}; a writer must register it first",
+                Opcode.GET_KIND,
+            )
+        if request.definition is not None:
+            check_prefix(kind.definition, request.definition)
+        self.send(_kind_info(kind), frame.stream_id)
+
+    def _on_list_kinds(self, frame: Frame) -> None:
+        ListKinds.decode(frame.payload)
+        infos = tuple(_kind_info(kind) for kind in self.catalog.by_id.values())
+        self.send(KindList(infos), frame.stream_id)
+
+
+def _kind_info(kind: KindState) -> KindInfo:
+    return KindInfo(kind.kind_id, kind.schema_version, kind.definition)
+
+
+_WRITE_APPLIERS: Final[dict[int, Callable[[ServerConnection, BytesLike], None]]] = {
+    Opcode.ASSERT: ServerConnection._write_assert,
+    Opcode.PATCH: ServerConnection._write_patch,
+    Opcode.RETRACT: ServerConnection._write_retract,
+}
+_WRITES: Final = frozenset({*_WRITE_APPLIERS, Opcode.BATCH})
+
+_HANDLERS: Final[dict[int, Handler]] = {
+    Opcode.CONNECT: ServerConnection._on_connect,
+    Opcode.HEARTBEAT: ServerConnection._on_heartbeat,
+    Opcode.ASSERT: ServerConnection._on_write,
+    Opcode.PATCH: ServerConnection._on_write,
+    Opcode.RETRACT: ServerConnection._on_write,
+    Opcode.BATCH: ServerConnection._on_batch,
+    Opcode.QUERY: ServerConnection._on_query,
+    Opcode.SYNC: ServerConnection._on_sync,
+    Opcode.CREATE_KIND: ServerConnection._on_create_kind,
+    Opcode.GET_KIND: ServerConnection._on_get_kind,
+    Opcode.LIST_KINDS: ServerConnection._on_list_kinds,
+}

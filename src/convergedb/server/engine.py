@@ -1,0 +1,350 @@
+"""The write engine: the accumulator, the flush, and the committed state.
+
+Writes do not touch the committed state. Each updates the accumulator: the pending next state of
+the entity it names, taken from the committed state at its first touch in the window. Every
+coalescing window the engine flushes: it swaps in an empty accumulator (new writes keep
+arriving), computes each touched entity's net change against the committed state, commits the
+whole flush in one store transaction on the store's thread, then applies it to the in-memory
+tables and hands the changes to the listeners (subscriptions), in that order.
+
+While a flush is being committed its results are the "in-flight" state: a write that touches an
+entity of the in-flight flush starts from that state, because it is what will be committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from enum import IntEnum
+from typing import Final, NamedTuple
+
+from ..protocol.codes import DeleteCause
+from ..schema.patch import apply_patch
+from .catalog import Catalog, KindState
+from .storage import FlushWrite, Store
+from .table import Entity
+
+log = logging.getLogger("convergedb.engine")
+
+_ABSENT: Final = Entity(b"", 0, 0, 0, 0, 0, 0)
+"""Marks, in the in-flight state, an entity that the flush removes."""
+
+
+class ChangeKind(IntEnum):
+    """What a flush did to an entity, as its subscribers see it."""
+
+    CREATED = 1
+    UPDATED = 2
+    DELETED = 4
+
+
+class Change(NamedTuple):
+    """One entity's net change in a flush: what subscribers are told."""
+
+    kind: KindState
+    eid: bytes
+    change: ChangeKind
+    entity: Entity
+    """The committed state after the flush (row empty when deleted)."""
+    previous: bytes | None
+    """The row before (Updated and Deleted), as the current schema version."""
+    changed_fields: int
+    meta: bytes
+
+
+class Pending:
+    """The pending next state of one entity within the current window."""
+
+    __slots__ = ("base", "cause", "meta", "row", "sources")
+
+    def __init__(self, base: Entity | None, row: bytes | None) -> None:
+        self.base = base
+        """The committed state at the first touch (None if the entity did not exist)."""
+        self.row = row
+        """The pending row, as the current schema version; None while no source asserts it."""
+        self.sources = 0 if base is None else base.sources
+        self.meta = b""
+        self.cause = DeleteCause.RETRACTED
+
+
+Accumulator = dict[int, dict[bytes, Pending]]
+CommitListener = Callable[[int, list[Change]], None]
+
+
+class Engine:
+    """Applies writes to the accumulator and flushes it every window."""
+
+    def __init__(self, catalog: Catalog, store: Store, *, window_ms: int) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.window_s = window_ms / 1000
+        self.seq = store.load_seq()
+        """The seq of the last committed flush that changed something."""
+        self.generation = 1
+        """The number of the accumulator that writes go into now."""
+        self.flushed_generation = 0
+        """The last generation whose flush has committed."""
+        self.commit_listeners: list[CommitListener] = []
+        self.writes_applied = 0
+        self._accumulator: Accumulator = {}
+        self._in_flight: dict[int, dict[bytes, Entity]] = {}
+        self._dirty_kinds: dict[int, KindState] = {}
+        self._dirty = False
+        self._first_dirty_at = 0.0
+        self._wake = asyncio.Event()
+        self._waiters: dict[int, list[asyncio.Future[int]]] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convergedb-store")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.last_flush_seconds = 0.0
+        self.failure: BaseException | None = None
+        self.on_failure: Callable[[BaseException], None] | None = None
+
+    # committed state -----------------------------------------------------------------------------
+
+    def load(self) -> int:
+        """Load every kind, and the entities of in-memory kinds, from the store."""
+        count = 0
+        for stored in self.store.load_kinds():
+            kind = self.catalog.load(stored)
+            if kind.entities is not None:
+                kind.entities.update(self.store.iter_entities(kind.kind_id))
+                count += len(kind.entities)
+        return count
+
+    def committed(self, kind: KindState, eid: bytes) -> Entity | None:
+        """The committed state of an entity (what queries see), or None."""
+        entities = kind.entities
+        if entities is not None:
+            return entities.get(eid)
+        return self.store.get_entity(kind.kind_id, eid)
+
+    def _base(self, kind: KindState, eid: bytes) -> Entity | None:
+        """The state a new pending entry starts from: in-flight if any, else committed."""
+        in_flight = self._in_flight.get(kind.kind_id)
+        if in_flight is not None:
+            entity = in_flight.get(eid)
+            if entity is not None:
+                return None if entity is _ABSENT else entity
+        return self.committed(kind, eid)
+
+    # writes --------------------------------------------------------------------------------------
+
+    def _pending(self, kind: KindState, eid: bytes) -> Pending:
+        per_kind = self._accumulator.get(kind.kind_id)
+        if per_kind is None:
+            per_kind = self._accumulator[kind.kind_id] = {}
+            self._mark_dirty()
+        pending = per_kind.get(eid)
+        if pending is None:
+            base = self._base(kind, eid)
+            row = kind.current_row(base) if base is not None and base.sources else None
+            pending = per_kind[eid] = Pending(base, row)
+        return pending
+
+    def write_assert(self, kind: KindState, eid: bytes, row: bytes, bit: int, meta: bytes) -> None:
+        """ASSERT: the source of `bit` says the entity is exactly `row` (validated here)."""
+        kind.codec.validate(row)
+        pending = self._pending(kind, eid)
+        pending.row = row
+        pending.sources |= bit
+        pending.meta = meta
+        self.writes_applied += 1
+
+    def write_patch(
+        self, kind: KindState, eid: bytes, mask: int, values: bytes, bit: int, meta: bytes
+    ) -> None:
+        """PATCH: set the fields of `mask`; a missing or dead entity starts from zero values."""
+        pending = self._pending(kind, eid)
+        base_row = pending.row if pending.row is not None else kind.codec.zero_row
+        pending.row = apply_patch(kind.codec, base_row, mask, values)
+        pending.sources |= bit
+        pending.meta = meta
+        self.writes_applied += 1
+
+    def write_retract(
+        self,
+        kind: KindState,
+        eid: bytes,
+        bit: int,
+        meta: bytes,
+        cause: DeleteCause = DeleteCause.RETRACTED,
+    ) -> bool:
+        """RETRACT: clear the bit; True if the source asserted the entity (else a no-op)."""
+        pending = self._pending(kind, eid)
+        self.writes_applied += 1
+        if not pending.sources & bit:
+            return False
+        pending.sources &= ~bit
+        pending.meta = meta
+        if not pending.sources:
+            pending.row = None
+            pending.cause = cause
+        return True
+
+    def kind_changed(self, kind: KindState, widened_from: int | None) -> None:
+        """A kind was created or evolved: persist it with the next flush. When fields were
+        appended, widen the rows pending in the accumulator from `widened_from` fields."""
+        self._dirty_kinds[kind.kind_id] = kind
+        self._mark_dirty()
+        if widened_from is not None:
+            for pending in self._accumulator.get(kind.kind_id, {}).values():
+                if pending.row is not None:
+                    pending.row = kind.codec.widen(pending.row, widened_from)
+
+    # flushing ------------------------------------------------------------------------------------
+
+    def _mark_dirty(self) -> None:
+        if not self._dirty:
+            self._dirty = True
+            self._first_dirty_at = time.monotonic()
+            self._wake.set()
+
+    def wait_flushed(self, generation: int) -> asyncio.Future[int]:
+        """A future resolved with the flush seq once generation `generation` has committed."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if generation <= self.flushed_generation:
+            future.set_result(self.seq)
+        else:
+            self._waiters.setdefault(generation, []).append(future)
+        return future
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="convergedb-flush")
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                if not self._closing:
+                    delay = self._first_dirty_at + self.window_s - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                await self.flush()
+                if self._closing and not self._dirty:
+                    return
+        except Exception as exc:
+            log.critical("flush failed; the server cannot make writes durable: %s", exc)
+            self.failure = exc
+            if self.on_failure is not None:
+                self.on_failure(exc)
+
+    async def flush(self) -> None:
+        """Flush the accumulator now: compute, commit durably, apply, notify."""
+        started = time.perf_counter()
+        accumulator, self._accumulator = self._accumulator, {}
+        kinds, self._dirty_kinds = self._dirty_kinds, {}
+        generation = self.generation
+        self.generation += 1
+        self._dirty = False
+        self._wake.clear()
+        seq, changes, write = self._compute(accumulator)
+        write.kinds = [kind.stored() for kind in kinds.values()]
+        if write.entities or write.kinds or write.removed:
+            self._in_flight = _by_kind(write)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self.store.commit, write)
+            self._apply(write)
+            self._in_flight = {}
+        self.seq = seq
+        self.flushed_generation = generation
+        self.last_flush_seconds = time.perf_counter() - started
+        if changes:
+            for listener in self.commit_listeners:
+                listener(seq, changes)
+        self._resolve_waiters(generation)
+
+    def _compute(self, accumulator: Accumulator) -> tuple[int, list[Change], FlushWrite]:
+        """The net change of every touched entity against its committed state."""
+        seq = self.seq + 1
+        changes: list[Change] = []
+        write = FlushWrite(seq)
+        records = write.entities
+        now_ms = int(time.time() * 1000)
+        for kind_id, per_kind in accumulator.items():
+            kind = self.catalog.by_id[kind_id]
+            for eid, pending in per_kind.items():
+                base = pending.base
+                if pending.sources:
+                    change = _alive_change(kind, eid, pending, seq)
+                    if change is None:
+                        if base is not None and pending.sources != base.sources:
+                            # the source set alone changed: stored, no version, no notification
+                            records.append((kind_id, eid, base._replace(sources=pending.sources)))
+                        continue
+                elif base is not None and base.sources:
+                    change = _deleted_change(kind, eid, pending, base, seq, now_ms)
+                else:
+                    continue
+                changes.append(change)
+                records.append((kind_id, eid, change.entity))
+        if not changes:
+            seq = self.seq
+        write.seq = seq
+        return seq, changes, write
+
+    def _apply(self, write: FlushWrite) -> None:
+        """Make a committed flush the state that queries see."""
+        by_id = self.catalog.by_id
+        for kind_id, eid, entity in write.entities:
+            entities = by_id[kind_id].entities
+            if entities is not None:
+                entities[eid] = entity
+        for kind_id, eid in write.removed:
+            entities = by_id[kind_id].entities
+            if entities is not None:
+                entities.pop(eid, None)
+
+    def _resolve_waiters(self, generation: int) -> None:
+        for waiting in sorted(g for g in self._waiters if g <= generation):
+            for future in self._waiters.pop(waiting):
+                if not future.done():
+                    future.set_result(self.seq)
+
+    async def close(self) -> None:
+        """Flush everything received, then stop the flush loop and the store thread."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+
+def _alive_change(kind: KindState, eid: bytes, pending: Pending, seq: int) -> Change | None:
+    """Created or Updated for an entity that is alive after the window (None: same row)."""
+    base = pending.base
+    row = pending.row
+    assert row is not None
+    if base is None or not base.sources:
+        version = 1 if base is None else base.version + 1
+        entity = Entity(row, version, pending.sources, seq, kind.schema_version, 0, 0)
+        all_fields = kind.codec.all_fields_mask
+        return Change(kind, eid, ChangeKind.CREATED, entity, None, all_fields, pending.meta)
+    previous = kind.current_row(base)
+    if row == previous:
+        return None
+    entity = Entity(row, base.version + 1, pending.sources, seq, kind.schema_version, 0, 0)
+    changed = kind.codec.changed_fields(previous, row)
+    return Change(kind, eid, ChangeKind.UPDATED, entity, previous, changed, pending.meta)
+
+
+def _deleted_change(
+    kind: KindState, eid: bytes, pending: Pending, base: Entity, seq: int, now_ms: int
+) -> Change:
+    """Deleted for an entity that was alive and that no source asserts any more."""
+    entity = Entity(b"", base.version + 1, 0, seq, kind.schema_version, pending.cause, now_ms)
+    previous = kind.current_row(base)
+    all_fields = kind.codec.all_fields_mask
+    return Change(kind, eid, ChangeKind.DELETED, entity, previous, all_fields, pending.meta)
+
+
+def _by_kind(write: FlushWrite) -> dict[int, dict[bytes, Entity]]:
+    in_flight: dict[int, dict[bytes, Entity]] = {}
+    for kind_id, eid, entity in write.entities:
+        in_flight.setdefault(kind_id, {})[eid] = entity
+    for kind_id, eid in write.removed:
+        in_flight.setdefault(kind_id, {})[eid] = _ABSENT
+    return in_flight
