@@ -52,6 +52,7 @@ from .messages import (
     decode_message,
     encode_message,
     iter_batch,
+    iter_batch_spans,
 )
 from .wire import EncodeError, Reader
 
@@ -112,5 +113,6 @@ __all__ = [
     "encode_message",
     "error_code_for",
     "iter_batch",
+    "iter_batch_spans",
     "malformed",
 ]

@@ -110,9 +110,11 @@ def _blob(payload: BytesLike, pos: int, size: int, op: int, what: str) -> bytes:
     return bytes(payload[pos:end])
 
 
-def _meta_tail(payload: BytesLike, pos: int, op: int) -> bytes:
-    """The optional metadata tail at `pos`, which must end the payload exactly."""
-    length = len(payload)
+def _meta_tail(payload: BytesLike, pos: int, op: int, length: int | None = None) -> bytes:
+    """The optional metadata tail at `pos`, which must end the payload exactly (or at `length`,
+    when the message is a part of `payload`)."""
+    if length is None:
+        length = len(payload)
     if pos == length:
         return b""
     try:
@@ -259,18 +261,26 @@ class Assert(Message):
 
     @classmethod
     def decode(cls, payload: BytesLike) -> Self:
-        try:
-            kind_id, eid, size = _ASSERT_HEAD.unpack_from(payload, 0)
-        except struct.error:
-            raise _truncated(
-                _ASSERT, "kind_id, eid, data length", 0, _ASSERT_SIZE, len(payload)
-            ) from None
-        end = _ASSERT_SIZE + size
-        if end > len(payload):
-            raise _truncated(_ASSERT, "data", _ASSERT_SIZE, size, len(payload))
-        return cls(
-            kind_id, eid, bytes(payload[_ASSERT_SIZE:end]), _meta_tail(payload, end, _ASSERT)
-        )
+        return cls(*parse_assert(payload))
+
+
+def parse_assert(
+    payload: BytesLike, start: int = 0, end: int | None = None
+) -> tuple[int, bytes, bytes, bytes]:
+    """(kind_id, eid, data, meta) of the ASSERT payload in `payload[start:end]`, without
+    building a message object or slicing the buffer (the server's hot path, also used for the
+    sub-operations of a BATCH; `Assert.decode` uses it too)."""
+    if end is None:
+        end = len(payload)
+    if end - start < _ASSERT_SIZE:
+        raise _truncated(_ASSERT, "kind_id, eid, data length", 0, _ASSERT_SIZE, end - start)
+    kind_id, eid, size = _ASSERT_HEAD.unpack_from(payload, start)
+    data_start = start + _ASSERT_SIZE
+    data_end = data_start + size
+    if data_end > end:
+        raise _truncated(_ASSERT, "data", _ASSERT_SIZE, size, end - start)
+    data = bytes(payload[data_start:data_end])
+    return kind_id, eid, data, _meta_tail(payload, data_end, _ASSERT, end)
 
 
 _RETRACT_HEAD: Final = struct.Struct("<H32s")
@@ -296,11 +306,20 @@ class Retract(Message):
 
     @classmethod
     def decode(cls, payload: BytesLike) -> Self:
-        try:
-            kind_id, eid = _RETRACT_HEAD.unpack_from(payload, 0)
-        except struct.error:
-            raise _truncated(_RETRACT, "kind_id, eid", 0, _RETRACT_SIZE, len(payload)) from None
-        return cls(kind_id, eid, _meta_tail(payload, _RETRACT_SIZE, _RETRACT))
+        return cls(*parse_retract(payload))
+
+
+def parse_retract(
+    payload: BytesLike, start: int = 0, end: int | None = None
+) -> tuple[int, bytes, bytes]:
+    """(kind_id, eid, meta) of the RETRACT payload in `payload[start:end]` (see
+    `parse_assert`)."""
+    if end is None:
+        end = len(payload)
+    if end - start < _RETRACT_SIZE:
+        raise _truncated(_RETRACT, "kind_id, eid", 0, _RETRACT_SIZE, end - start)
+    kind_id, eid = _RETRACT_HEAD.unpack_from(payload, start)
+    return kind_id, eid, _meta_tail(payload, start + _RETRACT_SIZE, _RETRACT, end)
 
 
 _QUERY: Final = struct.Struct("<H32s")
@@ -404,17 +423,25 @@ class Patch(Message):
 
     @classmethod
     def decode(cls, payload: BytesLike) -> Self:
-        try:
-            kind_id, eid, mask, size = _PATCH_HEAD.unpack_from(payload, 0)
-        except struct.error:
-            raise _truncated(
-                _PATCH, "kind_id, eid, mask, values length", 0, _PATCH_SIZE, len(payload)
-            ) from None
-        end = _PATCH_SIZE + size
-        if end > len(payload):
-            raise _truncated(_PATCH, "values", _PATCH_SIZE, size, len(payload))
-        values = bytes(payload[_PATCH_SIZE:end])
-        return cls(kind_id, eid, mask, values, _meta_tail(payload, end, _PATCH))
+        return cls(*parse_patch(payload))
+
+
+def parse_patch(
+    payload: BytesLike, start: int = 0, end: int | None = None
+) -> tuple[int, bytes, int, bytes, bytes]:
+    """(kind_id, eid, mask, values, meta) of the PATCH payload in `payload[start:end]` (see
+    `parse_assert`)."""
+    if end is None:
+        end = len(payload)
+    if end - start < _PATCH_SIZE:
+        raise _truncated(_PATCH, "kind_id, eid, mask, values length", 0, _PATCH_SIZE, end - start)
+    kind_id, eid, mask, size = _PATCH_HEAD.unpack_from(payload, start)
+    values_start = start + _PATCH_SIZE
+    values_end = values_start + size
+    if values_end > end:
+        raise _truncated(_PATCH, "values", _PATCH_SIZE, size, end - start)
+    values = bytes(payload[values_start:values_end])
+    return kind_id, eid, mask, values, _meta_tail(payload, values_end, _PATCH, end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,8 +470,9 @@ _BATCH_OP_HEAD: Final = struct.Struct("<BI")
 """op u8, body_len u32."""
 
 
-def iter_batch(payload: BytesLike) -> Iterator[tuple[int, memoryview]]:
-    """Yield each sub-operation of a BATCH payload as (op, body), in order, without decoding it.
+def iter_batch_spans(payload: BytesLike) -> Iterator[tuple[int, int, int]]:
+    """Yield each sub-operation of a BATCH payload as (op, start, end): its body is
+    `payload[start:end]`. In order, without decoding or copying anything.
 
     The op code is not checked (an unknown one is the caller's to reject alone). A generator, so
     that the caller applies the sub-operations before a bad part: it raises MALFORMED with `op`
@@ -452,31 +480,37 @@ def iter_batch(payload: BytesLike) -> Iterator[tuple[int, memoryview]]:
     rest of the batch is lost), or when bytes are left over after `count` sub-operations.
     """
     op = Opcode.BATCH
-    view = memoryview(payload)
-    length = len(view)
+    length = len(payload)
     if length < 4:
         raise _truncated(op, "count", 0, 4, length)
-    (count,) = U32.unpack_from(view, 0)
+    (count,) = U32.unpack_from(payload, 0)
     pos = 4
     head_size = _BATCH_OP_HEAD.size
+    unpack_head = _BATCH_OP_HEAD.unpack_from
     for index in range(count):
         if length - pos < head_size:
             raise malformed(
                 f"BATCH declares {count} operations but the frame ends after {index}", op
             )
-        sub_op, body_len = _BATCH_OP_HEAD.unpack_from(view, pos)
+        sub_op, body_len = unpack_head(payload, pos)
         start = pos + head_size
-        end = start + body_len
-        if end > length:
+        pos = start + body_len
+        if pos > length:
             raise malformed(
                 f"BATCH operation {index} ({op_name(sub_op)}): body_len {body_len} overruns the "
                 f"frame ({length - start} bytes left)",
                 op,
             )
-        yield sub_op, view[start:end]
-        pos = end
+        yield sub_op, start, pos
     if pos != length:
         raise malformed(f"BATCH: {length - pos} bytes left over after its {count} operations", op)
+
+
+def iter_batch(payload: BytesLike) -> Iterator[tuple[int, memoryview]]:
+    """Like `iter_batch_spans`, yielding (op, body) with the body as a memoryview."""
+    view = memoryview(payload)
+    for op, start, end in iter_batch_spans(view):
+        yield op, view[start:end]
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,25 +16,32 @@ from .table import Entity
 class KindState:
     """A registered kind: its current definition and codec, and its entities when in memory."""
 
-    __slots__ = ("_codecs", "codec", "definition", "entities", "field_counts", "kind_id", "system")
+    __slots__ = (
+        "codec",
+        "definition",
+        "entities",
+        "field_counts",
+        "kind_id",
+        "schema_version",
+        "system",
+        "watchers",
+    )
 
     def __init__(self, kind_id: int, definition: KindDef, field_counts: tuple[int, ...]) -> None:
         self.kind_id = kind_id
         self.definition = definition
         self.field_counts = field_counts
+        self.schema_version = len(field_counts)
         self.codec = RowCodec(definition.fields)
         self.system = definition.name.startswith(RESERVED_KIND_PREFIX)
         self.entities: dict[bytes, Entity] | None = None if definition.disk_backed else {}
+        self.watchers = 0
+        """Live subscriptions to this kind; the engine describes changes only when watched."""
         """The committed entities (tombstones included), or None for a disk-backed kind."""
-        self._codecs: dict[int, RowCodec] = {}
 
     @property
     def name(self) -> str:
         return self.definition.name
-
-    @property
-    def schema_version(self) -> int:
-        return len(self.field_counts)
 
     @property
     def disk_backed(self) -> bool:
@@ -45,7 +52,7 @@ class KindState:
 
     def current_row(self, entity: Entity) -> bytes:
         """The entity's row as the current schema version (older rows are widened)."""
-        if entity.schema_version == len(self.field_counts):
+        if entity.schema_version == self.schema_version:
             return entity.row
         return self.codec.widen(entity.row, self.field_counts[entity.schema_version - 1])
 
@@ -60,6 +67,7 @@ class KindState:
         changed = merged != self.definition
         if evolution.is_appended:
             self.field_counts = (*self.field_counts, len(merged.fields))
+            self.schema_version = len(self.field_counts)
             self.codec = RowCodec(merged.fields)
             changed = True
         self.definition = merged

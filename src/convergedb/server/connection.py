@@ -24,7 +24,6 @@ from ..protocol.codes import (
 from ..protocol.errors import ProtocolError, error_code_for, malformed
 from ..protocol.frame import Frame, FrameReader
 from ..protocol.messages import (
-    Assert,
     Connect,
     Connected,
     CreateKind,
@@ -35,14 +34,15 @@ from ..protocol.messages import (
     ListKinds,
     Message,
     Ok,
-    Patch,
     Pong,
     Query,
     QueryResult,
-    Retract,
     Sync,
     encode_message,
-    iter_batch,
+    iter_batch_spans,
+    parse_assert,
+    parse_patch,
+    parse_retract,
 )
 from ..schema.errors import SchemaError
 from ..schema.evolution import check_prefix
@@ -232,35 +232,37 @@ class ServerConnection(asyncio.Protocol):
             )
         return kind
 
-    def _write_assert(self, payload: BytesLike) -> None:
-        op = Assert.decode(payload)
-        kind = self._writable_kind(op.kind_id, Opcode.ASSERT)
-        self.engine.write_assert(kind, op.eid, op.data, self.bit, op.meta)
+    def _write_assert(self, payload: BytesLike, start: int, end: int) -> None:
+        kind_id, eid, data, meta = parse_assert(payload, start, end)
+        kind = self._writable_kind(kind_id, Opcode.ASSERT)
+        self.engine.write_assert(kind, eid, data, self.bit, meta)
         self.last_write_generation = self.engine.generation
 
-    def _write_patch(self, payload: BytesLike) -> None:
-        op = Patch.decode(payload)
-        kind = self._writable_kind(op.kind_id, Opcode.PATCH)
-        self.engine.write_patch(kind, op.eid, op.mask, op.values, self.bit, op.meta)
+    def _write_patch(self, payload: BytesLike, start: int, end: int) -> None:
+        kind_id, eid, mask, values, meta = parse_patch(payload, start, end)
+        kind = self._writable_kind(kind_id, Opcode.PATCH)
+        self.engine.write_patch(kind, eid, mask, values, self.bit, meta)
         self.last_write_generation = self.engine.generation
 
-    def _write_retract(self, payload: BytesLike) -> None:
-        op = Retract.decode(payload)
-        kind = self._writable_kind(op.kind_id, Opcode.RETRACT)
-        self.engine.write_retract(kind, op.eid, self.bit, op.meta)
+    def _write_retract(self, payload: BytesLike, start: int, end: int) -> None:
+        kind_id, eid, meta = parse_retract(payload, start, end)
+        kind = self._writable_kind(kind_id, Opcode.RETRACT)
+        self.engine.write_retract(kind, eid, self.bit, meta)
         self.last_write_generation = self.engine.generation
 
     def _on_write(self, frame: Frame) -> None:
-        _WRITE_APPLIERS[frame.opcode](self, frame.payload)
+        payload = frame.payload
+        _WRITE_APPLIERS[frame.opcode](self, payload, 0, len(payload))
 
     def _on_batch(self, frame: Frame) -> None:
+        payload = frame.payload
         try:
-            for op, body in iter_batch(frame.payload):
+            for op, start, end in iter_batch_spans(payload):
                 apply = _WRITE_APPLIERS.get(op)
                 try:
                     if apply is None:
                         raise malformed(f"BATCH: 0x{op:02x} is not a write operation", op)
-                    apply(self, body)
+                    apply(self, payload, start, end)
                 except (ProtocolError, SchemaError) as exc:
                     self._report(exc, op, 0)
         except ProtocolError as exc:
@@ -332,7 +334,7 @@ def _kind_info(kind: KindState) -> KindInfo:
     return KindInfo(kind.kind_id, kind.schema_version, kind.definition)
 
 
-_WRITE_APPLIERS: Final[dict[int, Callable[[ServerConnection, BytesLike], None]]] = {
+_WRITE_APPLIERS: Final[dict[int, Callable[[ServerConnection, BytesLike, int, int], None]]] = {
     Opcode.ASSERT: ServerConnection._write_assert,
     Opcode.PATCH: ServerConnection._write_patch,
     Opcode.RETRACT: ServerConnection._write_retract,

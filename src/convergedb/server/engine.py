@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from enum import IntEnum
-from typing import Final, NamedTuple
+from typing import NamedTuple
 
 from ..protocol.codes import DeleteCause
 from ..schema.patch import apply_patch
@@ -28,9 +28,6 @@ from .storage import FlushWrite, Store
 from .table import Entity
 
 log = logging.getLogger("convergedb.engine")
-
-_ABSENT: Final = Entity(b"", 0, 0, 0, 0, 0, 0)
-"""Marks, in the in-flight state, an entity that the flush removes."""
 
 
 class ChangeKind(IntEnum):
@@ -51,18 +48,26 @@ class Change(NamedTuple):
     """The committed state after the flush (row empty when deleted)."""
     previous: bytes | None
     """The row before (Updated and Deleted), as the current schema version."""
-    changed_fields: int
     meta: bytes
+
+    def changed_fields(self) -> int:
+        """The bitmask of changed fields: every field for Created (and Deleted)."""
+        if self.change is ChangeKind.UPDATED:
+            assert self.previous is not None
+            return self.kind.codec.changed_fields(self.previous, self.entity.row)
+        return self.kind.codec.all_fields_mask
 
 
 class Pending:
     """The pending next state of one entity within the current window."""
 
-    __slots__ = ("base", "cause", "meta", "row", "sources")
+    __slots__ = ("base", "cause", "meta", "result", "row", "sources")
 
     def __init__(self, base: Entity | None, row: bytes | None) -> None:
         self.base = base
         """The committed state at the first touch (None if the entity did not exist)."""
+        self.result = base
+        """The state the flush of this window commits (set by the flush)."""
         self.row = row
         """The pending row, as the current schema version; None while no source asserts it."""
         self.sources = 0 if base is None else base.sources
@@ -89,8 +94,10 @@ class Engine:
         """The last generation whose flush has committed."""
         self.commit_listeners: list[CommitListener] = []
         self.writes_applied = 0
+        self.flushes = 0
         self._accumulator: Accumulator = {}
-        self._in_flight: dict[int, dict[bytes, Entity]] = {}
+        self._in_flight: Accumulator = {}
+        """The accumulator of the flush being committed; its entries hold their results."""
         self._dirty_kinds: dict[int, KindState] = {}
         self._dirty = False
         self._first_dirty_at = 0.0
@@ -122,27 +129,30 @@ class Engine:
             return entities.get(eid)
         return self.store.get_entity(kind.kind_id, eid)
 
-    def _base(self, kind: KindState, eid: bytes) -> Entity | None:
-        """The state a new pending entry starts from: in-flight if any, else committed."""
-        in_flight = self._in_flight.get(kind.kind_id)
-        if in_flight is not None:
-            entity = in_flight.get(eid)
-            if entity is not None:
-                return None if entity is _ABSENT else entity
-        return self.committed(kind, eid)
-
-    # writes --------------------------------------------------------------------------------------
-
     def _pending(self, kind: KindState, eid: bytes) -> Pending:
+        """The entity's pending entry, made from its in-flight or committed state at the first
+        touch in this window."""
         per_kind = self._accumulator.get(kind.kind_id)
         if per_kind is None:
             per_kind = self._accumulator[kind.kind_id] = {}
             self._mark_dirty()
         pending = per_kind.get(eid)
-        if pending is None:
-            base = self._base(kind, eid)
-            row = kind.current_row(base) if base is not None and base.sources else None
-            pending = per_kind[eid] = Pending(base, row)
+        if pending is not None:
+            return pending
+        flying = self._in_flight.get(kind.kind_id) if self._in_flight else None
+        committing = None if flying is None else flying.get(eid)
+        if committing is not None:
+            base = committing.result
+        elif kind.entities is not None:
+            base = kind.entities.get(eid)
+        else:
+            base = self.store.get_entity(kind.kind_id, eid)
+        if base is None or not base.sources:
+            pending = per_kind[eid] = Pending(base, None)
+        elif base.schema_version == kind.schema_version:
+            pending = per_kind[eid] = Pending(base, base.row)
+        else:
+            pending = per_kind[eid] = Pending(base, kind.current_row(base))
         return pending
 
     def write_assert(self, kind: KindState, eid: bytes, row: bytes, bit: int, meta: bytes) -> None:
@@ -244,7 +254,7 @@ class Engine:
         seq, changes, write = self._compute(accumulator)
         write.kinds = [kind.stored() for kind in kinds.values()]
         if write.entities or write.kinds or write.removed:
-            self._in_flight = _by_kind(write)
+            self._in_flight = accumulator
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, self.store.commit, write)
             self._apply(write)
@@ -255,33 +265,62 @@ class Engine:
         if changes:
             for listener in self.commit_listeners:
                 listener(seq, changes)
+        self.flushes += 1
         self._resolve_waiters(generation)
 
     def _compute(self, accumulator: Accumulator) -> tuple[int, list[Change], FlushWrite]:
-        """The net change of every touched entity against its committed state."""
+        """The net change of every touched entity against its committed state.
+
+        Sets each pending entry's `result`. `Change`s are built only for kinds that someone
+        watches. The hottest loop of the server: the common paths are inline.
+        """
         seq = self.seq + 1
         changes: list[Change] = []
         write = FlushWrite(seq)
         records = write.entities
+        changed = 0
         now_ms = int(time.time() * 1000)
+        by_id = self.catalog.by_id
         for kind_id, per_kind in accumulator.items():
-            kind = self.catalog.by_id[kind_id]
+            kind = by_id[kind_id]
+            version = kind.schema_version
+            watched = kind.watchers > 0
             for eid, pending in per_kind.items():
                 base = pending.base
-                if pending.sources:
-                    change = _alive_change(kind, eid, pending, seq)
-                    if change is None:
-                        if base is not None and pending.sources != base.sources:
-                            # the source set alone changed: stored, no version, no notification
-                            records.append((kind_id, eid, base._replace(sources=pending.sources)))
-                        continue
+                sources = pending.sources
+                previous: bytes | None = None
+                if sources:
+                    row = pending.row
+                    assert row is not None
+                    if base is None:
+                        entity = Entity(row, 1, sources, seq, version, 0, 0)
+                        what = ChangeKind.CREATED
+                    elif not base.sources:
+                        entity = Entity(row, base.version + 1, sources, seq, version, 0, 0)
+                        what = ChangeKind.CREATED
+                    else:
+                        previous = (
+                            base.row if base.schema_version == version else kind.current_row(base)
+                        )
+                        if row == previous:
+                            if sources != base.sources:  # the source set alone: no version
+                                pending.result = base._replace(sources=sources)
+                                records.append((kind_id, eid, pending.result))
+                            continue
+                        entity = Entity(row, base.version + 1, sources, seq, version, 0, 0)
+                        what = ChangeKind.UPDATED
                 elif base is not None and base.sources:
-                    change = _deleted_change(kind, eid, pending, base, seq, now_ms)
+                    entity = Entity(b"", base.version + 1, 0, seq, version, pending.cause, now_ms)
+                    what = ChangeKind.DELETED
+                    previous = kind.current_row(base)
                 else:
                     continue
-                changes.append(change)
-                records.append((kind_id, eid, change.entity))
-        if not changes:
+                pending.result = entity
+                records.append((kind_id, eid, entity))
+                changed += 1
+                if watched:
+                    changes.append(Change(kind, eid, what, entity, previous, pending.meta))
+        if not changed:
             seq = self.seq
         write.seq = seq
         return seq, changes, write
@@ -311,40 +350,3 @@ class Engine:
         if self._task is not None:
             await self._task
         self._executor.shutdown(wait=True)
-
-
-def _alive_change(kind: KindState, eid: bytes, pending: Pending, seq: int) -> Change | None:
-    """Created or Updated for an entity that is alive after the window (None: same row)."""
-    base = pending.base
-    row = pending.row
-    assert row is not None
-    if base is None or not base.sources:
-        version = 1 if base is None else base.version + 1
-        entity = Entity(row, version, pending.sources, seq, kind.schema_version, 0, 0)
-        all_fields = kind.codec.all_fields_mask
-        return Change(kind, eid, ChangeKind.CREATED, entity, None, all_fields, pending.meta)
-    previous = kind.current_row(base)
-    if row == previous:
-        return None
-    entity = Entity(row, base.version + 1, pending.sources, seq, kind.schema_version, 0, 0)
-    changed = kind.codec.changed_fields(previous, row)
-    return Change(kind, eid, ChangeKind.UPDATED, entity, previous, changed, pending.meta)
-
-
-def _deleted_change(
-    kind: KindState, eid: bytes, pending: Pending, base: Entity, seq: int, now_ms: int
-) -> Change:
-    """Deleted for an entity that was alive and that no source asserts any more."""
-    entity = Entity(b"", base.version + 1, 0, seq, kind.schema_version, pending.cause, now_ms)
-    previous = kind.current_row(base)
-    all_fields = kind.codec.all_fields_mask
-    return Change(kind, eid, ChangeKind.DELETED, entity, previous, all_fields, pending.meta)
-
-
-def _by_kind(write: FlushWrite) -> dict[int, dict[bytes, Entity]]:
-    in_flight: dict[int, dict[bytes, Entity]] = {}
-    for kind_id, eid, entity in write.entities:
-        in_flight.setdefault(kind_id, {})[eid] = entity
-    for kind_id, eid in write.removed:
-        in_flight.setdefault(kind_id, {})[eid] = _ABSENT
-    return in_flight

@@ -75,20 +75,6 @@ def entity_key(kind_id: int, eid: bytes) -> bytes:
     return _KIND_KEY.pack(kind_id) + eid
 
 
-def encode_entity(entity: Entity) -> bytes:
-    return (
-        _ENTITY_HEAD.pack(
-            entity.version,
-            entity.sources,
-            entity.seq,
-            entity.schema_version,
-            entity.cause,
-            entity.deleted_at_ms,
-        )
-        + entity.row
-    )
-
-
 def decode_entity(value: bytes | memoryview) -> Entity:
     version, sources, seq, schema_version, cause, deleted_at = _ENTITY_HEAD.unpack_from(value)
     return Entity(
@@ -188,8 +174,7 @@ class Store:
         """Make one flush durable: every change in one transaction (fsync'd on commit)."""
         with self._env.begin(write=True) as txn:
             if write.entities:
-                cursor = txn.cursor(db=self._entities)
-                cursor.putmulti(_entity_items(write.entities))
+                txn.cursor(db=self._entities).putmulti(_entity_items(write.entities))
             for kind_id, eid in write.removed:
                 txn.delete(entity_key(kind_id, eid), db=self._entities)
             for kind in write.kinds:
@@ -206,6 +191,14 @@ class Store:
         return dict(self._env.info())
 
 
-def _entity_items(entities: Iterable[tuple[int, bytes, Entity]]) -> Iterator[tuple[bytes, bytes]]:
-    for kind_id, eid, entity in entities:
-        yield entity_key(kind_id, eid), encode_entity(entity)
+def _entity_items(entities: Iterable[tuple[int, bytes, Entity]]) -> list[tuple[bytes, bytes]]:
+    """(key, value) of every entity, encoded in one tight loop (a flush's bulk of work)."""
+    prefixes: dict[int, bytes] = {}
+    pack = _ENTITY_HEAD.pack
+    items = []
+    for kind_id, eid, e in entities:
+        prefix = prefixes.get(kind_id)
+        if prefix is None:
+            prefix = prefixes[kind_id] = _KIND_KEY.pack(kind_id)
+        items.append((prefix + eid, pack(e[1], e[2], e[3], e[4], e[5], e[6]) + e[0]))
+    return items
