@@ -280,6 +280,8 @@ def parse_assert(
     if data_end > end:
         raise _truncated(_ASSERT, "data", _ASSERT_SIZE, size, end - start)
     data = bytes(payload[data_start:data_end])
+    if data_end == end:
+        return kind_id, eid, data, b""
     return kind_id, eid, data, _meta_tail(payload, data_end, _ASSERT, end)
 
 

@@ -288,6 +288,7 @@ class RowCodec:
         "_variable_checks",
         "_variable_decoders",
         "_variable_encoders",
+        "_variable_ordinals",
         "_zero_fill",
         "all_fields_mask",
         "fields",
@@ -334,6 +335,7 @@ class RowCodec:
             _variable_check(f, f.name) for f in self.fields if f.is_variable
         )
         self._zero_fill: dict[int, bytes] = {}
+        self._variable_ordinals = tuple(f.ordinal for f in self.fields if f.is_variable)
         self.is_valid = compile_row_check(
             self.fields, self.offsets, self.fixed_size, self._variable_checks
         )
@@ -521,25 +523,22 @@ class RowCodec:
         segments = [row[offsets[i] : offsets[i + 1]] for i in range(len(self.fields))]
         if self._directory is not None:
             position = self.fixed_size
-            for f in self.fields:
-                if f.is_variable:
-                    (length,) = _U32.unpack_from(segments[f.ordinal])
-                    segments[f.ordinal] = row[position : position + length]
-                    position += length
+            lengths = self._directory.unpack_from(row)
+            for ordinal, length in zip(self._variable_ordinals, lengths, strict=True):
+                segments[ordinal] = row[position : position + length]
+                position += length
         return segments
 
     def join(self, segments: Sequence[bytes]) -> bytes:
         """The row made of per-field segments (the inverse of `split`)."""
         if self._directory is None:
             return b"".join(segments)
-        fixed = []
+        fixed = list(segments)
         data = []
-        for f, segment in zip(self.fields, segments, strict=True):
-            if f.is_variable:
-                fixed.append(_U32.pack(len(segment)))
-                data.append(segment)
-            else:
-                fixed.append(segment)
+        for ordinal in self._variable_ordinals:
+            segment = segments[ordinal]
+            fixed[ordinal] = _U32.pack(len(segment))
+            data.append(segment)
         return b"".join(fixed) + b"".join(data)
 
     def changed_fields(self, old: bytes, new: bytes) -> int:

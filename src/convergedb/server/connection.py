@@ -255,7 +255,8 @@ class ServerConnection(asyncio.Protocol):
         _WRITE_APPLIERS[frame.opcode](self, payload, 0, len(payload))
 
     def _on_batch(self, frame: Frame) -> None:
-        payload = frame.payload
+        # one copy of the frame, so that every row sliced out of it is already `bytes`
+        payload = bytes(frame.payload)
         try:
             for op, start, end in iter_batch_spans(payload):
                 apply = _WRITE_APPLIERS.get(op)
