@@ -27,6 +27,8 @@ from convergedb.protocol import (
 )
 
 TIMEOUT = 10.0
+OPEN: list[WireClient] = []
+"""Every client opened by the current test; `close_all` (an autouse fixture) closes them."""
 
 
 class WireClient:
@@ -41,6 +43,7 @@ class WireClient:
         self.eof = asyncio.Event()
         self._streams = itertools.count(1)
         self._task = asyncio.create_task(self._read())
+        OPEN.append(self)
 
     @classmethod
     async def open(cls, host: str, port: int) -> WireClient:
@@ -107,9 +110,17 @@ class WireClient:
         await asyncio.wait_for(self.eof.wait(), TIMEOUT)
 
     async def close(self) -> None:
+        if self._writer.is_closing() and self._task.done():
+            return
         self._writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await self._writer.wait_closed()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+
+async def close_all() -> None:
+    """Close every client the test opened (the server may already have closed them)."""
+    while OPEN:
+        await OPEN.pop().close()
