@@ -27,6 +27,7 @@ from convergedb.protocol import (
     ConnectMode,
     CreateKind,
     DeleteCause,
+    EventCause,
     Deleted,
     EncodeError,
     EpochBegin,
@@ -146,7 +147,7 @@ STRATEGIES: dict[type[Message], SearchStrategy[Message]] = {
     Ok: st.builds(Ok, u64),
     Error: st.builds(Error, st.sampled_from(ErrorCode) | u16, u16, texts),
     Event: st.builds(
-        Event, u16, u64, u8, event_ops, st.sampled_from(DeleteCause), eids, u64, blobs, metas
+        Event, u16, u64, u8, event_ops, st.sampled_from(EventCause), eids, u64, blobs, metas
     ),
     Pong: st.just(Pong()),
     KindList: st.builds(KindList, st.lists(kind_infos, max_size=2).map(tuple)),
@@ -221,9 +222,9 @@ def test_enums_decode_into_their_types() -> None:
     assert type(connect.mode) is ConnectMode
     state = State.decode(State(1, E42, ChangeType.UPDATED, 2, 3, 4, 5, b"").encode())
     assert type(state.type) is ChangeType
-    event = Event.decode(Event(1, 2, 3, Opcode.PATCH, DeleteCause.RETRACTED, E42, 1, b"").encode())
+    event = Event.decode(Event(1, 2, 3, Opcode.PATCH, EventCause.CLIENT_WRITE, E42, 1, b"").encode())
     assert type(event.op) is Opcode
-    assert type(event.cause) is DeleteCause
+    assert type(event.cause) is EventCause
     subscribe = Subscribe.decode(Subscribe(1, SubscribeFlags.RESUME).encode())
     assert type(subscribe.flags) is SubscribeFlags
 
@@ -273,7 +274,7 @@ def test_leftover_bytes_are_rejected(msg: Message, extra: bytes) -> None:
         Patch(1, E42, 0b101, b"vals"),
         State(1, E42, ChangeType.CREATED, 1, 1, 7, 9, b"row"),
         Deleted(1, E42, 2, 9, DeleteCause.LIVENESS, b"prev"),
-        Event(1, 5, 3, Opcode.RETRACT, DeleteCause.EPOCH_END, E42, 0, b""),
+        Event(1, 5, 3, Opcode.RETRACT, EventCause.EPOCH_END, E42, 0, b""),
     ],
     ids=lambda msg: type(msg).__name__,
 )
@@ -311,8 +312,8 @@ def test_invalid_utf8_is_malformed() -> None:
         (Deleted(1, E42, 1, 1, DeleteCause.RETRACTED), 50, 3),
         (QueryResult(QueryStatus.ALIVE, 1, 1, b"x"), 0, 3),
         (BootstrapBegin(1, BootstrapMode.FULL, 0), 2, 2),
-        (Event(1, 1, 1, Opcode.ASSERT, DeleteCause.RETRACTED, E42, 0, b""), 11, 0x04),
-        (Event(1, 1, 1, Opcode.ASSERT, DeleteCause.RETRACTED, E42, 0, b""), 12, 3),
+        (Event(1, 1, 1, Opcode.ASSERT, EventCause.CLIENT_WRITE, E42, 0, b""), 11, 0x04),
+        (Event(1, 1, 1, Opcode.ASSERT, EventCause.CLIENT_WRITE, E42, 0, b""), 12, 3),
         (Subscribe(1), 2, 0x08),
         (GetKind("k"), 3, 2),
     ],

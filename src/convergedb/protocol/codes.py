@@ -114,8 +114,12 @@ class DeleteCause(IntEnum):
     LIVENESS = 2
 
 
-EventCause = DeleteCause
-"""EVENT frames use the same numbering: 0 client write, 1 epoch end, 2 liveness expiry."""
+class EventCause(IntEnum):
+    """Why an EVENT was recorded: a client's write, or a retract the server synthesised."""
+
+    CLIENT_WRITE = 0
+    EPOCH_END = 1
+    LIVENESS = 2
 
 
 class QueryStatus(IntEnum):

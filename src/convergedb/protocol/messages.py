@@ -37,6 +37,7 @@ from .codes import (
     ConnectMode,
     DeleteCause,
     ErrorCode,
+    EventCause,
     Opcode,
     QueryStatus,
     SubscribeFlags,
@@ -69,6 +70,7 @@ def _members(enum: type[_E]) -> dict[int, _E]:
 _CONNECT_MODES: Final = _members(ConnectMode)
 _CHANGE_TYPES: Final = _members(ChangeType)
 _DELETE_CAUSES: Final = _members(DeleteCause)
+_EVENT_CAUSES: Final = _members(EventCause)
 _QUERY_STATUSES: Final = _members(QueryStatus)
 _BOOTSTRAP_MODES: Final = _members(BootstrapMode)
 _ERROR_CODES: Final = _members(ErrorCode)
@@ -930,7 +932,7 @@ class Event(Message):
     seq: int
     source_id: int
     op: Opcode
-    cause: DeleteCause
+    cause: EventCause
     eid: bytes
     mask: int
     data: bytes
@@ -958,7 +960,7 @@ class Event(Message):
             _EVENT_HEAD, payload, code, "the fixed fields"
         )
         event_op = _member(_EVENT_OPS, op, "EVENT op", code)
-        event_cause = _member(_DELETE_CAUSES, cause, "EVENT cause", code)
+        event_cause = _member(_EVENT_CAUSES, cause, "EVENT cause", code)
         pos = _EVENT_HEAD.size
         data = _blob(payload, pos, size, code, "data")
         meta = _meta_tail(payload, pos + size, code)

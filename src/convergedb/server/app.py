@@ -17,6 +17,7 @@ from .connection import ServerConnection
 from .engine import Engine
 from .sources import Authenticator, SourceRegistry
 from .storage import Store
+from .subscriptions import SubscriptionHub
 
 log = logging.getLogger("convergedb.server")
 
@@ -35,6 +36,7 @@ class Server:
         self.authenticator = Authenticator(config.tokens)
         self.sources = SourceRegistry()
         self.connections: set[ServerConnection] = set()
+        self.subscriptions = SubscriptionHub(self)
         self._listener: asyncio.Server | None = None
         self._stopped = asyncio.Event()
         self.host = config.host
@@ -87,6 +89,7 @@ class Server:
     def forget(self, connection: ServerConnection) -> None:
         """A connection is gone."""
         self.connections.discard(connection)
+        self.subscriptions.drop(connection)
         if connection.source_id is not None:
             self.sources.release(connection.source_id, connection)
         if connection.connected:
@@ -105,6 +108,7 @@ class Server:
             if connection.transport is not None:
                 connection.transport.pause_reading()
         await self.engine.close()
+        self.subscriptions.close()
         shutting_down = ProtocolError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         for connection in list(self.connections):
             connection.send_error(shutting_down, 0)

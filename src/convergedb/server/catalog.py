@@ -20,6 +20,8 @@ class KindState:
         "codec",
         "definition",
         "entities",
+        "event_seq",
+        "event_stream",
         "field_counts",
         "kind_id",
         "schema_version",
@@ -27,8 +29,17 @@ class KindState:
         "watchers",
     )
 
-    def __init__(self, kind_id: int, definition: KindDef, field_counts: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        kind_id: int,
+        definition: KindDef,
+        field_counts: tuple[int, ...],
+        event_seq: int = 0,
+    ) -> None:
         self.kind_id = kind_id
+        self.event_stream = definition.event_stream
+        self.event_seq = event_seq
+        """The sequence number of the kind's last recorded event (event-stream kinds)."""
         self.definition = definition
         self.field_counts = field_counts
         self.schema_version = len(field_counts)
@@ -48,7 +59,7 @@ class KindState:
         return self.definition.disk_backed
 
     def stored(self) -> StoredKind:
-        return StoredKind(self.kind_id, self.definition, self.field_counts)
+        return StoredKind(self.kind_id, self.definition, self.field_counts, self.event_seq)
 
     def current_row(self, entity: Entity) -> bytes:
         """The entity's row as the current schema version (older rows are widened)."""
@@ -83,7 +94,7 @@ class Catalog:
         self._next_id = 1
 
     def load(self, stored: StoredKind) -> KindState:
-        kind = KindState(stored.kind_id, stored.definition, stored.field_counts)
+        kind = KindState(stored.kind_id, stored.definition, stored.field_counts, stored.event_seq)
         self._add(kind)
         return kind
 

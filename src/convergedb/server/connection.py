@@ -122,6 +122,12 @@ class ServerConnection(asyncio.Protocol):
         self.closing = True
         self.server.forget(self)
 
+    def pause_writing(self) -> None:
+        self.server.subscriptions.pause(self)
+
+    def resume_writing(self) -> None:
+        self.server.subscriptions.resume(self)
+
     # sending ------------------------------------------------------------------------------------
 
     def send(self, message: Message, stream_id: int, flags: int = 0) -> None:
@@ -325,6 +331,15 @@ class ServerConnection(asyncio.Protocol):
             check_prefix(kind.definition, request.definition)
         self.send(_kind_info(kind), frame.stream_id)
 
+    def _on_subscribe(self, frame: Frame) -> None:
+        self.server.subscriptions.on_subscribe(self, frame)
+
+    def _on_unsubscribe(self, frame: Frame) -> None:
+        self.server.subscriptions.on_unsubscribe(self, frame)
+
+    def _on_subscribe_events(self, frame: Frame) -> None:
+        self.server.subscriptions.on_subscribe_events(self, frame)
+
     def _on_list_kinds(self, frame: Frame) -> None:
         ListKinds.decode(frame.payload)
         infos = tuple(_kind_info(kind) for kind in self.catalog.by_id.values())
@@ -354,4 +369,7 @@ _HANDLERS: Final[dict[int, Handler]] = {
     Opcode.CREATE_KIND: ServerConnection._on_create_kind,
     Opcode.GET_KIND: ServerConnection._on_get_kind,
     Opcode.LIST_KINDS: ServerConnection._on_list_kinds,
+    Opcode.SUBSCRIBE: ServerConnection._on_subscribe,
+    Opcode.UNSUBSCRIBE: ServerConnection._on_unsubscribe,
+    Opcode.SUBSCRIBE_EVENTS: ServerConnection._on_subscribe_events,
 }

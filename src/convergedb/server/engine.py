@@ -19,15 +19,21 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
-from ..protocol.codes import DeleteCause
+from ..protocol.codes import DeleteCause, EventCause, Opcode
 from ..schema.patch import apply_patch
 from .catalog import Catalog, KindState
 from .storage import FlushWrite, Store
 from .table import Entity
 
 log = logging.getLogger("convergedb.engine")
+
+_EVENT_CAUSE: Final = {
+    DeleteCause.RETRACTED: EventCause.CLIENT_WRITE,
+    DeleteCause.EPOCH_END: EventCause.EPOCH_END,
+    DeleteCause.LIVENESS: EventCause.LIVENESS,
+}
 
 
 class ChangeKind(IntEnum):
@@ -58,6 +64,23 @@ class Change(NamedTuple):
         return self.kind.codec.all_fields_mask
 
 
+class Event(NamedTuple):
+    """One write to an event-stream kind, recorded before coalescing (SPEC §8)."""
+
+    kind: KindState
+    seq: int
+    """The kind's event sequence number (assigned when the flush that carries it commits)."""
+    source_id: int
+    op: int
+    """ASSERT, RETRACT or PATCH."""
+    cause: int
+    """EventCause: a client write, an epoch end, a liveness expiry."""
+    eid: bytes
+    mask: int
+    data: bytes
+    meta: bytes
+
+
 class Pending:
     """The pending next state of one entity within the current window."""
 
@@ -77,6 +100,7 @@ class Pending:
 
 Accumulator = dict[int, dict[bytes, Pending]]
 CommitListener = Callable[[int, list[Change]], None]
+EventListener = Callable[[list[Event]], None]
 
 
 class Engine:
@@ -93,8 +117,15 @@ class Engine:
         self.flushed_generation = 0
         """The last generation whose flush has committed."""
         self.commit_listeners: list[CommitListener] = []
+        """Called with (seq, changes of watched kinds) after each flush that changed something."""
+        self.event_listeners: list[EventListener] = []
+        """Called with the events of each flush, in order, once it has committed."""
+        self._events: list[Event] = []
         self.writes_applied = 0
         self.flushes = 0
+        self.compacted_seq = 0
+        """The highest seq of a tombstone that compaction removed: a RESUME from an older seq
+        cannot be answered with a delta (it would miss that deletion)."""
         self._accumulator: Accumulator = {}
         self._in_flight: Accumulator = {}
         """The accumulator of the flush being committed; its entries hold their results."""
@@ -163,6 +194,8 @@ class Engine:
         pending.sources |= bit
         pending.meta = meta
         self.writes_applied += 1
+        if kind.event_stream:
+            self._record(kind, bit, Opcode.ASSERT, EventCause.CLIENT_WRITE, eid, 0, row, meta)
 
     def write_patch(
         self, kind: KindState, eid: bytes, mask: int, values: bytes, bit: int, meta: bytes
@@ -174,6 +207,8 @@ class Engine:
         pending.sources |= bit
         pending.meta = meta
         self.writes_applied += 1
+        if kind.event_stream:
+            self._record(kind, bit, Opcode.PATCH, EventCause.CLIENT_WRITE, eid, mask, values, meta)
 
     def write_retract(
         self,
@@ -183,9 +218,15 @@ class Engine:
         meta: bytes,
         cause: DeleteCause = DeleteCause.RETRACTED,
     ) -> bool:
-        """RETRACT: clear the bit; True if the source asserted the entity (else a no-op)."""
+        """RETRACT: clear the bit; True if the source asserted the entity (else a no-op).
+
+        `cause` says who retracts: the client, or the server at an epoch end or a liveness
+        expiry (the cause of the tombstone and of the event).
+        """
         pending = self._pending(kind, eid)
         self.writes_applied += 1
+        if kind.event_stream:
+            self._record(kind, bit, Opcode.RETRACT, _EVENT_CAUSE[cause], eid, 0, b"", meta)
         if not pending.sources & bit:
             return False
         pending.sources &= ~bit
@@ -194,6 +235,34 @@ class Engine:
             pending.row = None
             pending.cause = cause
         return True
+
+    def _record(
+        self,
+        kind: KindState,
+        bit: int,
+        op: int,
+        cause: int,
+        eid: bytes,
+        mask: int,
+        data: bytes,
+        meta: bytes,
+    ) -> None:
+        """Record one operation on an event-stream kind; numbered when its flush commits."""
+        source_id = bit.bit_length() - 1
+        self._events.append(Event(kind, 0, source_id, op, cause, eid, mask, data, meta))
+        self._mark_dirty()
+
+    @staticmethod
+    def _number_events(events: list[Event], kinds: dict[int, KindState]) -> list[Event]:
+        """Give each event its kind's next sequence number; the kinds whose counters moved join
+        `kinds`, so that the counters commit with the flush."""
+        numbered = []
+        for event in events:
+            kind = event.kind
+            kind.event_seq += 1
+            numbered.append(event._replace(seq=kind.event_seq))
+            kinds[kind.kind_id] = kind
+        return numbered
 
     def kind_changed(self, kind: KindState, widened_from: int | None) -> None:
         """A kind was created or evolved: persist it with the next flush. When fields were
@@ -251,6 +320,9 @@ class Engine:
         self.generation += 1
         self._dirty = False
         self._wake.clear()
+        events, self._events = self._events, []
+        if events:
+            events = self._number_events(events, kinds)
         seq, changes, write = self._compute(accumulator)
         write.kinds = [kind.stored() for kind in kinds.values()]
         if write.entities or write.kinds or write.removed:
@@ -265,6 +337,9 @@ class Engine:
         if changes:
             for listener in self.commit_listeners:
                 listener(seq, changes)
+        if events:
+            for event_listener in self.event_listeners:
+                event_listener(events)
         self.flushes += 1
         self._resolve_waiters(generation)
 

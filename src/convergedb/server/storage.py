@@ -4,7 +4,7 @@ One write transaction per flush makes the flush atomic and durable (LMDB fsyncs 
 unless `fsync` is off). Layout, in named sub-databases:
 
 - `meta`:     b"format" -> u32 format version; b"seq" -> u64 last committed flush seq
-- `kinds`:    kind_id u16 (big-endian) -> schema_version u16, n u8, n field counts u8 (one per
+- `kinds`:    kind_id u16 (big-endian) -> event_seq u64, n u8, n field counts u8 (one per
               schema version), kind definition (PROTOCOL.md encoding)
 - `entities`: kind_id u16 (big-endian) + eid (32) -> version u64, sources u64, seq u64,
               schema_version u16, cause u8, deleted_at_ms u64, row
@@ -36,7 +36,7 @@ _ENTITY_HEAD: Final = struct.Struct("<QQQHBQ")
 _ENTITY_HEAD_SIZE: Final = _ENTITY_HEAD.size
 _U64: Final = struct.Struct("<Q")
 _U32: Final = struct.Struct("<I")
-_KIND_HEAD: Final = struct.Struct("<HB")
+_KIND_HEAD: Final = struct.Struct("<QB")
 _SEQ_KEY: Final = b"seq"
 _FORMAT_KEY: Final = b"format"
 
@@ -53,6 +53,8 @@ class StoredKind:
     definition: KindDef
     field_counts: tuple[int, ...]
     """Field count of schema version 1, 2, ...; the last is the current one."""
+    event_seq: int = 0
+    """The sequence number of the kind's last recorded event."""
 
     @property
     def schema_version(self) -> int:
@@ -83,16 +85,16 @@ def decode_entity(value: bytes | memoryview) -> Entity:
 
 
 def _encode_kind(kind: StoredKind) -> bytes:
-    head = _KIND_HEAD.pack(kind.schema_version, len(kind.field_counts))
+    head = _KIND_HEAD.pack(kind.event_seq, len(kind.field_counts))
     return head + bytes(kind.field_counts) + encode_kind_definition(kind.definition)
 
 
 def _decode_kind(kind_id: int, value: bytes) -> StoredKind:
-    _, count = _KIND_HEAD.unpack_from(value)
+    event_seq, count = _KIND_HEAD.unpack_from(value)
     start = _KIND_HEAD.size
     field_counts = tuple(value[start : start + count])
     definition, _ = decode_kind_definition(value, start + count)
-    return StoredKind(kind_id, definition, field_counts)
+    return StoredKind(kind_id, definition, field_counts, event_seq)
 
 
 class Store:
