@@ -93,6 +93,7 @@ class ServerConnection(asyncio.Protocol):
         self.connected_at_ms = 0
         self.last_write_generation = 0
         self.closing = False
+        self.reading_held = False
 
     # transport events ---------------------------------------------------------------------------
 
@@ -117,6 +118,15 @@ class ServerConnection(asyncio.Protocol):
             if self.closing:
                 return
             self._dispatch(frame)
+        if self.engine.overdue() and not self.reading_held and self.transport is not None:
+            self.reading_held = True
+            self.transport.pause_reading()
+            self.engine.hold_reading(self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        self.reading_held = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True

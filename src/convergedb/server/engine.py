@@ -121,6 +121,7 @@ class Engine:
         self.event_listeners: list[EventListener] = []
         """Called with the events of each flush, in order, once it has committed."""
         self._events: list[Event] = []
+        self._held_readers: list[Callable[[], None]] = []
         self.writes_applied = 0
         self.flushes = 0
         self.compacted_seq = 0
@@ -282,6 +283,20 @@ class Engine:
             self._first_dirty_at = time.monotonic()
             self._wake.set()
 
+    def overdue(self) -> bool:
+        """Whether the accumulator has waited a whole window and its flush has not started.
+
+        The event loop may keep reading a busy socket for a long time before it runs timers;
+        connections ask this after each read and, when it is true, stop reading until the next
+        flush has started (`hold_reading`). That bounds a window under load and pushes back on
+        writers faster than the disk.
+        """
+        return self._dirty and time.monotonic() - self._first_dirty_at >= self.window_s
+
+    def hold_reading(self, resume: Callable[[], None]) -> None:
+        """Call `resume` once the next flush has taken the accumulator."""
+        self._held_readers.append(resume)
+
     def wait_flushed(self, generation: int) -> asyncio.Future[int]:
         """A future resolved with the flush seq once generation `generation` has committed."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -321,6 +336,9 @@ class Engine:
         self._dirty = False
         self._wake.clear()
         events, self._events = self._events, []
+        held, self._held_readers = self._held_readers, []
+        for resume in held:
+            resume()
         if events:
             events = self._number_events(events, kinds)
         seq, changes, write = self._compute(accumulator)
