@@ -27,7 +27,6 @@ from convergedb.protocol import (
     ConnectMode,
     CreateKind,
     DeleteCause,
-    EventCause,
     Deleted,
     EncodeError,
     EpochBegin,
@@ -35,6 +34,7 @@ from convergedb.protocol import (
     Error,
     ErrorCode,
     Event,
+    EventCause,
     FrameReader,
     GetKind,
     Heartbeat,
@@ -222,7 +222,9 @@ def test_enums_decode_into_their_types() -> None:
     assert type(connect.mode) is ConnectMode
     state = State.decode(State(1, E42, ChangeType.UPDATED, 2, 3, 4, 5, b"").encode())
     assert type(state.type) is ChangeType
-    event = Event.decode(Event(1, 2, 3, Opcode.PATCH, EventCause.CLIENT_WRITE, E42, 1, b"").encode())
+    event = Event.decode(
+        Event(1, 2, 3, Opcode.PATCH, EventCause.CLIENT_WRITE, E42, 1, b"").encode()
+    )
     assert type(event.op) is Opcode
     assert type(event.cause) is EventCause
     subscribe = Subscribe.decode(Subscribe(1, SubscribeFlags.RESUME).encode())

@@ -15,6 +15,8 @@ from .catalog import Catalog
 from .config import ServerConfig
 from .connection import ServerConnection
 from .engine import Engine
+from .liveness import Liveness
+from .presence import Presence
 from .sources import Authenticator, SourceRegistry
 from .storage import Store
 from .subscriptions import SubscriptionHub
@@ -34,7 +36,9 @@ class Server:
         self.store = Store(config.data_dir, fsync=config.fsync)
         self.engine = Engine(self.catalog, self.store, window_ms=config.window_ms)
         self.authenticator = Authenticator(config.tokens)
-        self.sources = SourceRegistry()
+        self.liveness = Liveness(self)
+        self.sources = SourceRegistry(self.liveness.expire)
+        self.presence: Presence  # made by start(), once the stored kinds are loaded
         self.connections: set[ServerConnection] = set()
         self.subscriptions = SubscriptionHub(self)
         self._listener: asyncio.Server | None = None
@@ -43,9 +47,10 @@ class Server:
         self.port = config.port
 
     async def start(self) -> None:
-        """Load the store, start the flush loop, and listen."""
+        """Load the store, start the flush loop and the countdowns, and listen."""
         started = time.perf_counter()
         entities = self.engine.load()
+        self.presence = Presence(self.catalog, self.engine)
         log.info(
             "loaded %d kinds and %d in-memory entities in %.2fs (seq %d)",
             len(self.catalog.by_id),
@@ -55,6 +60,8 @@ class Server:
         )
         self.engine.on_failure = self._on_engine_failure
         self.engine.start()
+        self.liveness.start()
+        self._compaction = asyncio.get_running_loop().create_task(self._compact_forever())
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
             lambda: ServerConnection(self),
@@ -87,13 +94,24 @@ class Server:
         )
 
     def forget(self, connection: ServerConnection) -> None:
-        """A connection is gone."""
+        """A connection is gone: its source starts its countdown, its epoch is discarded."""
         self.connections.discard(connection)
         self.subscriptions.drop(connection)
-        if connection.source_id is not None:
-            self.sources.release(connection.source_id, connection)
+        connection.epoch = None
+        source_id = connection.source_id
+        released = source_id is not None and self.sources.release(source_id, connection)
+        if released and source_id is not None and not self._stopped.is_set():
+            self.liveness.lost(connection, source_id)
         if connection.connected:
             log.info("%s disconnected", connection.peer)
+
+    async def _compact_forever(self) -> None:
+        """Remove tombstones older than the retention, within a second of their expiry."""
+        retention_ms = int(self.config.tombstone_retention_s * 1000)
+        interval = min(1.0, max(0.05, self.config.tombstone_retention_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.engine.compact(int(time.time() * 1000) - retention_ms)
 
     # shutdown ------------------------------------------------------------------------------------
 
@@ -104,6 +122,8 @@ class Server:
         self._stopped.set()
         if self._listener is not None:
             self._listener.close()
+        self._compaction.cancel()
+        await self.liveness.close()
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.pause_reading()

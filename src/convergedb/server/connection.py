@@ -17,6 +17,7 @@ from ..protocol.codes import (
     CLOSING_ERRORS,
     SERVER_CLOSING_FLAG,
     ConnectMode,
+    DeleteCause,
     ErrorCode,
     Opcode,
     QueryStatus,
@@ -27,6 +28,8 @@ from ..protocol.messages import (
     Connect,
     Connected,
     CreateKind,
+    EpochBegin,
+    EpochEnd,
     Error,
     GetKind,
     KindInfo,
@@ -74,6 +77,16 @@ _REQUESTS: Final = frozenset(
 """Opcodes that need a reply, hence a non-zero stream id."""
 
 
+class Epoch:
+    """An open source epoch: the baseline at EPOCH_BEGIN and what was re-asserted since."""
+
+    __slots__ = ("baseline", "reasserted")
+
+    def __init__(self, baseline: set[tuple[int, bytes]]) -> None:
+        self.baseline = baseline
+        self.reasserted: set[tuple[int, bytes]] = set()
+
+
 class ServerConnection(asyncio.Protocol):
     """The server side of one TCP connection."""
 
@@ -94,6 +107,12 @@ class ServerConnection(asyncio.Protocol):
         self.last_write_generation = 0
         self.closing = False
         self.reading_held = False
+        self.silent = False
+        """Closed by the server for silence: its source is dead at once."""
+        self.heartbeat_interval_ms = 0
+        self.last_seen = time.monotonic()
+        self.presence_written_ms = 0
+        self.epoch: Epoch | None = None
 
     # transport events ---------------------------------------------------------------------------
 
@@ -109,6 +128,9 @@ class ServerConnection(asyncio.Protocol):
             )
 
     def data_received(self, data: bytes) -> None:
+        self.last_seen = time.monotonic()
+        if self.bit and self.connected:
+            self.server.presence.seen(self)
         try:
             frames = self.reader.feed(data)
         except ProtocolError as exc:
@@ -208,6 +230,7 @@ class ServerConnection(asyncio.Protocol):
         grant = server.authenticator.authorize(request.auth_token, request.mode, request.source_id)
         deadline = request.liveness_deadline_ms or DEFAULT_LIVENESS_DEADLINE_MS
         self.liveness_deadline_ms = min(deadline, server.config.max_liveness_ms)
+        self.heartbeat_interval_ms = request.heartbeat_interval_ms
         self.name = request.name
         if request.mode is not ConnectMode.READ_ONLY:
             previous = None
@@ -224,6 +247,10 @@ class ServerConnection(asyncio.Protocol):
                 previous.taken_over()
         self.connected = True
         self.connected_at_ms = int(time.time() * 1000)
+        if self.source_id is not None:
+            self.engine.declare_deadline(self.source_id, self.liveness_deadline_ms)
+            server.presence.connected(self)
+            self.last_write_generation = self.engine.generation  # SYNC covers the presence
         server.connected(self)
         source = READ_ONLY_SOURCE_ID if self.source_id is None else self.source_id
         config = server.config
@@ -253,18 +280,24 @@ class ServerConnection(asyncio.Protocol):
         kind = self._writable_kind(kind_id, Opcode.ASSERT)
         self.engine.write_assert(kind, eid, data, self.bit, meta)
         self.last_write_generation = self.engine.generation
+        if self.epoch is not None:
+            self.epoch.reasserted.add((kind_id, eid))
 
     def _write_patch(self, payload: BytesLike, start: int, end: int) -> None:
         kind_id, eid, mask, values, meta = parse_patch(payload, start, end)
         kind = self._writable_kind(kind_id, Opcode.PATCH)
         self.engine.write_patch(kind, eid, mask, values, self.bit, meta)
         self.last_write_generation = self.engine.generation
+        if self.epoch is not None:
+            self.epoch.reasserted.add((kind_id, eid))
 
     def _write_retract(self, payload: BytesLike, start: int, end: int) -> None:
         kind_id, eid, meta = parse_retract(payload, start, end)
         kind = self._writable_kind(kind_id, Opcode.RETRACT)
         self.engine.write_retract(kind, eid, self.bit, meta)
         self.last_write_generation = self.engine.generation
+        if self.epoch is not None:
+            self.epoch.reasserted.discard((kind_id, eid))
 
     def _on_write(self, frame: Frame) -> None:
         payload = frame.payload
@@ -341,6 +374,37 @@ class ServerConnection(asyncio.Protocol):
             check_prefix(kind.definition, request.definition)
         self.send(_kind_info(kind), frame.stream_id)
 
+    def _on_epoch_begin(self, frame: Frame) -> None:
+        EpochBegin.decode(frame.payload)
+        self._require_writer(Opcode.SOURCE_EPOCH_BEGIN, "begin an epoch")
+        held = self.engine.held_by(self.bit, system=False)
+        self.epoch = Epoch({(kind.kind_id, eid) for kind, eid in held})
+        log.info("%s: source %s began an epoch over %d entities", self.peer, self.source_id,
+                 len(held))  # fmt: skip
+        self.send(Ok(len(held)), frame.stream_id)
+
+    def _on_epoch_end(self, frame: Frame) -> None:
+        EpochEnd.decode(frame.payload)
+        self._require_writer(Opcode.SOURCE_EPOCH_END, "end an epoch")
+        epoch = self.epoch
+        if epoch is None:
+            raise ProtocolError(
+                ErrorCode.EPOCH_NOT_OPEN, "no epoch is open: send EPOCH_BEGIN first",
+                Opcode.SOURCE_EPOCH_END,
+            )  # fmt: skip
+        self.epoch = None
+        by_id = self.catalog.by_id
+        stale = [(by_id[kind_id], eid) for kind_id, eid in epoch.baseline - epoch.reasserted]
+        retracted = self.engine.retract_many(stale, self.bit, DeleteCause.EPOCH_END)
+        self.last_write_generation = self.engine.generation
+        log.info("%s: source %s ended an epoch: %d retracted", self.peer, self.source_id,
+                 retracted)  # fmt: skip
+        self.send(Ok(retracted), frame.stream_id)
+
+    def _require_writer(self, op: int, what: str) -> None:
+        if self.read_only:
+            raise ProtocolError(ErrorCode.READ_ONLY, f"a read-only connection cannot {what}", op)
+
     def _on_subscribe(self, frame: Frame) -> None:
         self.server.subscriptions.on_subscribe(self, frame)
 
@@ -379,6 +443,8 @@ _HANDLERS: Final[dict[int, Handler]] = {
     Opcode.CREATE_KIND: ServerConnection._on_create_kind,
     Opcode.GET_KIND: ServerConnection._on_get_kind,
     Opcode.LIST_KINDS: ServerConnection._on_list_kinds,
+    Opcode.SOURCE_EPOCH_BEGIN: ServerConnection._on_epoch_begin,
+    Opcode.SOURCE_EPOCH_END: ServerConnection._on_epoch_end,
     Opcode.SUBSCRIBE: ServerConnection._on_subscribe,
     Opcode.UNSUBSCRIBE: ServerConnection._on_unsubscribe,
     Opcode.SUBSCRIBE_EVENTS: ServerConnection._on_subscribe_events,

@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from enum import IntEnum
 from typing import Final, NamedTuple
@@ -122,9 +123,15 @@ class Engine:
         """Called with the events of each flush, in order, once it has committed."""
         self._events: list[Event] = []
         self._held_readers: list[Callable[[], None]] = []
+        self._deadlines: dict[int, int] = store.load_source_deadlines()
+        self._new_deadlines: dict[int, int] = {}
+        self._tombstones: deque[tuple[int, int, bytes]] = deque()
+        """(deleted_at_ms, kind_id, eid) of every tombstone, oldest first, for compaction."""
+        self._removals: list[tuple[int, bytes, int]] = []
+        """(kind_id, eid, seq) of tombstones compaction chose, removed by the next flush."""
         self.writes_applied = 0
         self.flushes = 0
-        self.compacted_seq = 0
+        self.compacted_seq = store.load_compacted_seq()
         """The highest seq of a tombstone that compaction removed: a RESUME from an older seq
         cannot be answered with a delta (it would miss that deletion)."""
         self._accumulator: Accumulator = {}
@@ -145,14 +152,27 @@ class Engine:
     # committed state -----------------------------------------------------------------------------
 
     def load(self) -> int:
-        """Load every kind, and the entities of in-memory kinds, from the store."""
+        """Load every kind, and the entities of in-memory kinds, from the store; queue every
+        tombstone for compaction."""
         count = 0
+        tombstones: list[tuple[int, int, bytes]] = []
         for stored in self.store.load_kinds():
             kind = self.catalog.load(stored)
             if kind.entities is not None:
                 kind.entities.update(self.store.iter_entities(kind.kind_id))
                 count += len(kind.entities)
+            tombstones.extend(
+                (e.deleted_at_ms, kind.kind_id, eid) for eid, e in self._all(kind) if not e.sources
+            )
+        tombstones.sort()
+        self._tombstones.extend(tombstones)
         return count
+
+    def _all(self, kind: KindState) -> Iterable[tuple[bytes, Entity]]:
+        """Every committed entity of a kind (a scan of the store for a disk-backed kind)."""
+        if kind.entities is not None:
+            return kind.entities.items()
+        return self.store.iter_entities(kind.kind_id)
 
     def committed(self, kind: KindState, eid: bytes) -> Entity | None:
         """The committed state of an entity (what queries see), or None."""
@@ -226,9 +246,10 @@ class Engine:
         """
         pending = self._pending(kind, eid)
         self.writes_applied += 1
-        if kind.event_stream:
+        asserted = bool(pending.sources & bit)
+        if kind.event_stream and (asserted or cause is DeleteCause.RETRACTED):
             self._record(kind, bit, Opcode.RETRACT, _EVENT_CAUSE[cause], eid, 0, b"", meta)
-        if not pending.sources & bit:
+        if not asserted:
             return False
         pending.sources &= ~bit
         pending.meta = meta
@@ -236,6 +257,72 @@ class Engine:
             pending.row = None
             pending.cause = cause
         return True
+
+    def held_by(self, bit: int, *, system: bool) -> list[tuple[KindState, bytes]]:
+        """Every entity whose source set holds `bit`, pending writes included (a write sent
+        before counts even if its flush has not run). System kinds only when `system`."""
+        held: list[tuple[KindState, bytes]] = []
+        for kind in list(self.catalog.by_id.values()):
+            if kind.system and not system:
+                continue
+            eids = {eid for eid, e in self._all(kind) if e.sources & bit}
+            flying = self._in_flight.get(kind.kind_id)
+            for eid, pending in flying.items() if flying else ():
+                result = pending.result
+                _toggle(eids, eid, result is not None and bool(result.sources & bit))
+            for eid, pending in self._accumulator.get(kind.kind_id, {}).items():
+                _toggle(eids, eid, bool(pending.sources & bit))  # the latest state wins
+            held.extend((kind, eid) for eid in eids)
+        return held
+
+    def retract_many(
+        self, entities: list[tuple[KindState, bytes]], bit: int, cause: DeleteCause
+    ) -> int:
+        """Retract `bit` from each entity, as if its source had sent RETRACTs, all into the
+        current window (hence one flush). Returns how many it actually retracted."""
+        retracted = 0
+        for kind, eid in entities:
+            if self.write_retract(kind, eid, bit, b"", cause):
+                retracted += 1
+        return retracted
+
+    def sources_in_use(self) -> int:
+        """The union of every committed entity's source set (at start-up: who holds what)."""
+        used = 0
+        for kind in self.catalog.by_id.values():
+            for _, entity in self._all(kind):
+                used |= entity.sources
+        return used
+
+    def declare_deadline(self, source_id: int, deadline_ms: int) -> None:
+        """Persist a source's declared liveness deadline with the next flush (used for its
+        countdown after a restart)."""
+        if self._deadlines.get(source_id) != deadline_ms:
+            self._deadlines[source_id] = deadline_ms
+            self._new_deadlines[source_id] = deadline_ms
+            self._mark_dirty()
+
+    def deadline_of(self, source_id: int, default_ms: int) -> int:
+        return self._deadlines.get(source_id, default_ms)
+
+    # compaction ----------------------------------------------------------------------------------
+
+    def compact(self, expired_before_ms: int) -> int:
+        """Schedule the removal of tombstones that died before `expired_before_ms`; they are
+        removed (memory and store) by the next flush. Returns how many were scheduled."""
+        queue = self._tombstones
+        scheduled = 0
+        while queue and queue[0][0] < expired_before_ms:
+            deleted_at, kind_id, eid = queue.popleft()
+            kind = self.catalog.by_id.get(kind_id)
+            entity = None if kind is None else self.committed(kind, eid)
+            if entity is None or entity.sources or entity.deleted_at_ms != deleted_at:
+                continue  # re-created, or already gone
+            self._removals.append((kind_id, eid, entity.seq))
+            scheduled += 1
+        if scheduled:
+            self._mark_dirty()
+        return scheduled
 
     def _record(
         self,
@@ -343,7 +430,9 @@ class Engine:
             events = self._number_events(events, kinds)
         seq, changes, write = self._compute(accumulator)
         write.kinds = [kind.stored() for kind in kinds.values()]
-        if write.entities or write.kinds or write.removed:
+        self._take_removals(accumulator, write)
+        write.source_deadlines, self._new_deadlines = self._new_deadlines, {}
+        if write.entities or write.kinds or write.removed or write.source_deadlines:
             self._in_flight = accumulator
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, self.store.commit, write)
@@ -418,17 +507,34 @@ class Engine:
         write.seq = seq
         return seq, changes, write
 
+    def _take_removals(self, accumulator: Accumulator, write: FlushWrite) -> None:
+        """Move the scheduled compactions into this flush, except for entities this window
+        touched (a write re-created them; compaction will look again when they die again)."""
+        removals, self._removals = self._removals, []
+        for kind_id, eid, seq in removals:
+            if eid in accumulator.get(kind_id, ()):
+                continue
+            write.removed.append((kind_id, eid))
+            if seq > write.compacted_seq:
+                write.compacted_seq = seq
+        if write.compacted_seq < self.compacted_seq:
+            write.compacted_seq = self.compacted_seq
+
     def _apply(self, write: FlushWrite) -> None:
         """Make a committed flush the state that queries see."""
         by_id = self.catalog.by_id
+        tombstones = self._tombstones
         for kind_id, eid, entity in write.entities:
             entities = by_id[kind_id].entities
             if entities is not None:
                 entities[eid] = entity
+            if not entity.sources and entity.deleted_at_ms:
+                tombstones.append((entity.deleted_at_ms, kind_id, eid))
         for kind_id, eid in write.removed:
             entities = by_id[kind_id].entities
             if entities is not None:
                 entities.pop(eid, None)
+        self.compacted_seq = write.compacted_seq
 
     def _resolve_waiters(self, generation: int) -> None:
         for waiting in sorted(g for g in self._waiters if g <= generation):
@@ -443,3 +549,10 @@ class Engine:
         if self._task is not None:
             await self._task
         self._executor.shutdown(wait=True)
+
+
+def _toggle(eids: set[bytes], eid: bytes, present: bool) -> None:
+    if present:
+        eids.add(eid)
+    else:
+        eids.discard(eid)

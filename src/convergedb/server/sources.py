@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
 from ..limits import MAX_SOURCE_ID, MAX_SOURCES
@@ -62,14 +64,46 @@ class Authenticator:
 
 
 class SourceRegistry:
-    """Which connection holds each source id, and which ids are in a liveness grace period."""
+    """Which connection holds each source id, and which ids are in a liveness grace period.
 
-    def __init__(self) -> None:
+    A source whose connection was lost keeps its entities for one deadline (its grace period);
+    when the countdown runs out, `on_expire(source_id)` retracts them. Claiming the id in time
+    cancels the countdown.
+    """
+
+    def __init__(self, on_expire: Callable[[int], None]) -> None:
         self.holders: dict[int, SourceHolder] = {}
-        self.in_grace: set[int] = set()
+        self.grace: dict[int, asyncio.TimerHandle] = {}
+        self._on_expire = on_expire
+
+    @property
+    def in_grace(self) -> set[int]:
+        return set(self.grace)
 
     def is_free(self, source_id: int) -> bool:
-        return source_id not in self.holders and source_id not in self.in_grace
+        return source_id not in self.holders and source_id not in self.grace
+
+    def begin_grace(self, source_id: int, deadline_ms: int) -> None:
+        """Start the countdown of a source nobody holds."""
+        self.cancel_grace(source_id)
+        loop = asyncio.get_running_loop()
+        self.grace[source_id] = loop.call_later(deadline_ms / 1000, self._expire, source_id)
+
+    def cancel_grace(self, source_id: int) -> bool:
+        handle = self.grace.pop(source_id, None)
+        if handle is None:
+            return False
+        handle.cancel()
+        return True
+
+    def _expire(self, source_id: int) -> None:
+        del self.grace[source_id]
+        self._on_expire(source_id)
+
+    def close(self) -> None:
+        for handle in self.grace.values():
+            handle.cancel()
+        self.grace.clear()
 
     def claim(self, source_id: int, holder: SourceHolder, *, takeover: bool) -> SourceHolder | None:
         """Give `source_id` to `holder`; returns the connection it was taken over from, if any.
@@ -90,7 +124,7 @@ class SourceRegistry:
                 "one to be allocated, or take it over if the old holder is your own dead process",
                 Opcode.CONNECT,
             )
-        self.in_grace.discard(source_id)
+        self.cancel_grace(source_id)
         self.holders[source_id] = holder
         return previous
 

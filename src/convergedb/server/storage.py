@@ -3,7 +3,8 @@
 One write transaction per flush makes the flush atomic and durable (LMDB fsyncs on commit
 unless `fsync` is off). Layout, in named sub-databases:
 
-- `meta`:     b"format" -> u32 format version; b"seq" -> u64 last committed flush seq
+- `meta`:     b"format" -> u32 format version; b"seq" -> u64 last committed flush seq;
+              b"compacted_seq" -> u64 highest seq of a tombstone compaction removed
 - `kinds`:    kind_id u16 (big-endian) -> event_seq u64, n u8, n field counts u8 (one per
               schema version), kind definition (PROTOCOL.md encoding)
 - `entities`: kind_id u16 (big-endian) + eid (32) -> version u64, sources u64, seq u64,
@@ -38,6 +39,7 @@ _U64: Final = struct.Struct("<Q")
 _U32: Final = struct.Struct("<I")
 _KIND_HEAD: Final = struct.Struct("<QB")
 _SEQ_KEY: Final = b"seq"
+_COMPACTED_KEY: Final = b"compacted_seq"
 _FORMAT_KEY: Final = b"format"
 
 
@@ -71,6 +73,8 @@ class FlushWrite:
     """Entities to delete (compacted tombstones)."""
     kinds: list[StoredKind] = field(default_factory=list)
     source_deadlines: dict[int, int] = field(default_factory=dict)
+    compacted_seq: int = 0
+    """The highest seq of a tombstone compaction has removed, so far."""
 
 
 def entity_key(kind_id: int, eid: bytes) -> bytes:
@@ -139,6 +143,12 @@ class Store:
             value = txn.get(_SEQ_KEY, db=self._meta)
         return 0 if value is None else int(_U64.unpack(value)[0])
 
+    def load_compacted_seq(self) -> int:
+        """The highest seq of a tombstone that compaction removed (0: none yet)."""
+        with self._env.begin() as txn:
+            value = txn.get(_COMPACTED_KEY, db=self._meta)
+        return 0 if value is None else int(_U64.unpack(value)[0])
+
     def load_kinds(self) -> list[StoredKind]:
         with self._env.begin() as txn:
             return [
@@ -184,6 +194,8 @@ class Store:
             for source_id, deadline in write.source_deadlines.items():
                 txn.put(bytes((source_id,)), _U32.pack(deadline), db=self._sources)
             txn.put(_SEQ_KEY, _U64.pack(write.seq), db=self._meta)
+            if write.removed:
+                txn.put(_COMPACTED_KEY, _U64.pack(write.compacted_seq), db=self._meta)
 
     def close(self) -> None:
         """Close the environment (a clean shutdown; LMDB needs no recovery either way)."""
