@@ -50,6 +50,7 @@ class Server:
         """Load the store, start the flush loop and the countdowns, and listen."""
         started = time.perf_counter()
         entities = self.engine.load()
+        self.store.reopen()
         self.presence = Presence(self.catalog, self.engine)
         log.info(
             "loaded %d kinds and %d in-memory entities in %.2fs (seq %d)",

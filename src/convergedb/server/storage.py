@@ -106,23 +106,34 @@ class Store:
 
     def __init__(self, data_dir: Path, *, fsync: bool = True) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
+        self._path = data_dir / "store"
+        self._fsync = fsync
+        self._open()
+        self._check_format()
+
+    def _open(self) -> None:
         try:
             self._env = lmdb.open(
-                str(data_dir / "store"),
+                str(self._path),
                 map_size=MAP_SIZE,
                 max_dbs=8,
-                sync=fsync,
-                metasync=fsync,
+                sync=self._fsync,
+                metasync=self._fsync,
                 readahead=False,
                 max_readers=256,
             )
         except lmdb.Error as exc:
-            raise StoreError(f"cannot open the store in {data_dir}: {exc}") from exc
+            raise StoreError(f"cannot open the store in {self._path.parent}: {exc}") from exc
         self._meta = self._env.open_db(b"meta")
         self._kinds = self._env.open_db(b"kinds")
         self._entities = self._env.open_db(b"entities")
         self._sources = self._env.open_db(b"sources")
-        self._check_format()
+
+    def reopen(self) -> None:
+        """Close and open the environment again: after the start-up load this unmaps the pages
+        the load read, which would otherwise stay in the server's resident memory."""
+        self._env.close()
+        self._open()
 
     def _check_format(self) -> None:
         with self._env.begin(write=True) as txn:
