@@ -5,7 +5,6 @@ Precedence: flags > environment > config file > defaults.
 
 from __future__ import annotations
 
-import logging
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -148,6 +147,7 @@ def _option(*names: str, **kwargs: Any) -> Callable[[FC], FC]:
 )
 def serve(**settings: Any) -> None:
     """Start a ConvergeDB server (in the foreground, until SIGTERM or SIGINT)."""
+    from ..server import logs
     from ..server.app import run
     from ..server.storage import StoreError
 
@@ -157,10 +157,7 @@ def serve(**settings: Any) -> None:
         config = ServerConfig(**settings)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(config.log_level, config.log_format)
     try:
         status = run(config)
     except StoreError as exc:

@@ -7,10 +7,12 @@ import logging
 import signal
 import sys
 import time
+from collections import Counter
 
 from .. import __version__
 from ..protocol.codes import ErrorCode
 from ..protocol.errors import ProtocolError
+from .admin import AdminServer
 from .catalog import Catalog
 from .config import ServerConfig
 from .connection import ServerConnection
@@ -39,7 +41,10 @@ class Server:
         self.liveness = Liveness(self)
         self.sources = SourceRegistry(self.liveness.expire)
         self.presence: Presence  # made by start(), once the stored kinds are loaded
+        self.admin: AdminServer | None = None
         self.connections: set[ServerConnection] = set()
+        self.rejected: Counter[int] = Counter()
+        """Rejected writes, by error code."""
         self.subscriptions = SubscriptionHub(self)
         self._listener: asyncio.Server | None = None
         self._stopped = asyncio.Event()
@@ -63,6 +68,9 @@ class Server:
         self.engine.start()
         self.liveness.start()
         self._compaction = asyncio.get_running_loop().create_task(self._compact_forever())
+        if self.config.admin_port:
+            self.admin = AdminServer(self)
+            await self.admin.start()
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
             lambda: ServerConnection(self),
@@ -78,6 +86,10 @@ class Server:
         self._stop_task = asyncio.ensure_future(self.stop())
 
     # connections ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def loop_time() -> float:
+        return asyncio.get_running_loop().time()
 
     def admit(self, connection: ServerConnection) -> bool:
         """Track a new connection; False when the server is at its connection limit."""
@@ -125,6 +137,8 @@ class Server:
             self._listener.close()
         self._compaction.cancel()
         await self.liveness.close()
+        if self.admin is not None:
+            await self.admin.close()
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.pause_reading()

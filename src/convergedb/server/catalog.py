@@ -17,6 +17,7 @@ class KindState:
     """A registered kind: its current definition and codec, and its entities when in memory."""
 
     __slots__ = (
+        "alive",
         "codec",
         "definition",
         "entities",
@@ -26,6 +27,7 @@ class KindState:
         "kind_id",
         "schema_version",
         "system",
+        "tombstones",
         "watchers",
     )
 
@@ -47,6 +49,9 @@ class KindState:
         self.system = definition.name.startswith(RESERVED_KIND_PREFIX)
         self.entities: dict[bytes, Entity] | None = None if definition.disk_backed else {}
         self.watchers = 0
+        self.alive = 0
+        """Committed alive entities (kept up to date by the engine)."""
+        self.tombstones = 0
         """Live subscriptions to this kind; the engine describes changes only when watched."""
         """The committed entities (tombstones included), or None for a disk-backed kind."""
 

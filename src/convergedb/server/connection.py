@@ -216,6 +216,7 @@ class ServerConnection(asyncio.Protocol):
             error.op = opcode
         if opcode in _WRITES:
             stream_id = 0  # rejected writes are reported asynchronously
+            self.server.rejected[error.code] += 1
         self.send_error(error, stream_id, close=not self.connected)
 
     # connecting ---------------------------------------------------------------------------------

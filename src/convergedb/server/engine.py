@@ -129,7 +129,8 @@ class Engine:
         """(deleted_at_ms, kind_id, eid) of every tombstone, oldest first, for compaction."""
         self._removals: list[tuple[int, bytes, int]] = []
         """(kind_id, eid, seq) of tombstones compaction chose, removed by the next flush."""
-        self.writes_applied = 0
+        self.writes: dict[int, int] = {Opcode.ASSERT: 0, Opcode.PATCH: 0, Opcode.RETRACT: 0}
+        """Writes applied, by opcode (synthesised retracts included)."""
         self.flushes = 0
         self.compacted_seq = store.load_compacted_seq()
         """The highest seq of a tombstone that compaction removed: a RESUME from an older seq
@@ -148,6 +149,8 @@ class Engine:
         self.last_flush_seconds = 0.0
         self.failure: BaseException | None = None
         self.on_failure: Callable[[BaseException], None] | None = None
+        self.on_flushed: Callable[[float], None] | None = None
+        """Called with the duration of every flush (metrics)."""
 
     # committed state -----------------------------------------------------------------------------
 
@@ -161,9 +164,16 @@ class Engine:
             if kind.entities is not None:
                 kind.entities.update(self.store.iter_entities(kind.kind_id))
                 count += len(kind.entities)
-            tombstones.extend(
+            dead = [
                 (e.deleted_at_ms, kind.kind_id, eid) for eid, e in self._all(kind) if not e.sources
-            )
+            ]
+            tombstones.extend(dead)
+            kind.tombstones = len(dead)
+            kind.alive = (
+                len(kind.entities)
+                if kind.entities is not None
+                else self.store.count_entities(kind.kind_id)
+            ) - len(dead)
         tombstones.sort()
         self._tombstones.extend(tombstones)
         return count
@@ -214,7 +224,7 @@ class Engine:
         pending.row = row
         pending.sources |= bit
         pending.meta = meta
-        self.writes_applied += 1
+        self.writes[Opcode.ASSERT] += 1
         if kind.event_stream:
             self._record(kind, bit, Opcode.ASSERT, EventCause.CLIENT_WRITE, eid, 0, row, meta)
 
@@ -227,7 +237,7 @@ class Engine:
         pending.row = apply_patch(kind.codec, base_row, mask, values)
         pending.sources |= bit
         pending.meta = meta
-        self.writes_applied += 1
+        self.writes[Opcode.PATCH] += 1
         if kind.event_stream:
             self._record(kind, bit, Opcode.PATCH, EventCause.CLIENT_WRITE, eid, mask, values, meta)
 
@@ -245,7 +255,7 @@ class Engine:
         expiry (the cause of the tombstone and of the event).
         """
         pending = self._pending(kind, eid)
-        self.writes_applied += 1
+        self.writes[Opcode.RETRACT] += 1
         asserted = bool(pending.sources & bit)
         if kind.event_stream and (asserted or cause is DeleteCause.RETRACTED):
             self._record(kind, bit, Opcode.RETRACT, _EVENT_CAUSE[cause], eid, 0, b"", meta)
@@ -441,6 +451,8 @@ class Engine:
         self.seq = seq
         self.flushed_generation = generation
         self.last_flush_seconds = time.perf_counter() - started
+        if self.on_flushed is not None:
+            self.on_flushed(self.last_flush_seconds)
         if changes:
             for listener in self.commit_listeners:
                 listener(seq, changes)
@@ -477,9 +489,12 @@ class Engine:
                     if base is None:
                         entity = Entity(row, 1, sources, seq, version, 0, 0)
                         what = ChangeKind.CREATED
+                        kind.alive += 1
                     elif not base.sources:
                         entity = Entity(row, base.version + 1, sources, seq, version, 0, 0)
                         what = ChangeKind.CREATED
+                        kind.alive += 1
+                        kind.tombstones -= 1
                     else:
                         previous = (
                             base.row if base.schema_version == version else kind.current_row(base)
@@ -494,6 +509,8 @@ class Engine:
                 elif base is not None and base.sources:
                     entity = Entity(b"", base.version + 1, 0, seq, version, pending.cause, now_ms)
                     what = ChangeKind.DELETED
+                    kind.alive -= 1
+                    kind.tombstones += 1
                     previous = kind.current_row(base)
                 else:
                     continue
@@ -531,9 +548,10 @@ class Engine:
             if not entity.sources and entity.deleted_at_ms:
                 tombstones.append((entity.deleted_at_ms, kind_id, eid))
         for kind_id, eid in write.removed:
-            entities = by_id[kind_id].entities
-            if entities is not None:
-                entities.pop(eid, None)
+            kind = by_id[kind_id]
+            kind.tombstones -= 1
+            if kind.entities is not None:
+                kind.entities.pop(eid, None)
         self.compacted_seq = write.compacted_seq
 
     def _resolve_waiters(self, generation: int) -> None:
