@@ -367,7 +367,13 @@ def _as_dataclass(cls: type[T]) -> type[T]:
 
 
 def _copier(value: Any) -> Callable[[], Any]:
-    return lambda: copy.deepcopy(value)
+    """A cheap factory of copies of a mutable default: a struct holds only immutable values, so
+    a shallow copy does; so does an empty list; other lists (of structs, maybe) are deep-copied."""
+    if isinstance(value, list):
+        if not value:
+            return list
+        return lambda: copy.deepcopy(value)
+    return lambda: copy.copy(value)
 
 
 @typing.dataclass_transform()
