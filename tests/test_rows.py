@@ -259,3 +259,15 @@ def test_fast_check_and_detailed_check_agree_on_mutated_rows(
     if explained_valid:
         codec.validate(mutated)
         assert codec.encode(codec.decode(mutated)) == mutated
+
+
+def test_decode_named_gives_fields_by_name() -> None:
+    assert SAMPLE.decode_named(ROW) == {
+        "name": "héllo",
+        "hp": 7,
+        "tag": "ab",
+        "pos": {"x": 1.5, "ok": True},
+        "flags": [True, False],
+        "path": [{"x": 2.0, "ok": True}],
+        "big": 2**100,
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .inspect import get, kinds, status
 from .serve import serve
 
 
@@ -14,4 +15,5 @@ def main() -> None:
     """ConvergeDB: live, merged entity state from many writers, pushed to subscribers."""
 
 
-main.add_command(serve)
+for command in (serve, status, kinds, get):
+    main.add_command(command)

@@ -476,6 +476,13 @@ class RowCodec:
             values.append(value)
         return values
 
+    def decode_named(self, row: bytes) -> dict[str, Any]:
+        """The field values of a valid row by field name; structs as dicts by sub-field name
+        (for tools that have a schema but no Python class)."""
+        return {
+            f.name: _named(f, value) for f, value in zip(self.fields, self.decode(row), strict=True)
+        }
+
     # validation -----------------------------------------------------------------------------
 
     def validate(self, row: bytes) -> None:
@@ -596,3 +603,15 @@ def _array_error(element: Field, values: Sequence[Any], name: str) -> InvalidDat
         if error is not None:
             return error
     return InvalidData(f"field {name!r}: the elements do not fit")
+
+
+def _named(f: Field, value: Any) -> Any:
+    if f.type is not FieldType.STRUCT:
+        return value
+    if f.array:
+        return [_struct_dict(f, item) for item in value]
+    return _struct_dict(f, value)
+
+
+def _struct_dict(f: Field, value: Sequence[Any]) -> dict[str, Any]:
+    return {sub.name: item for sub, item in zip(f.subfields, value, strict=True)}
