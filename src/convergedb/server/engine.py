@@ -219,8 +219,13 @@ class Engine:
 
     def write_assert(self, kind: KindState, eid: bytes, row: bytes, bit: int, meta: bytes) -> None:
         """ASSERT: the source of `bit` says the entity is exactly `row` (validated here)."""
-        kind.codec.validate(row)
-        pending = self._pending(kind, eid)
+        codec = kind.codec
+        if not codec.is_valid(row):
+            codec.validate(row)  # raises, naming the field at fault
+        per_kind = self._accumulator.get(kind.kind_id)
+        pending = None if per_kind is None else per_kind.get(eid)
+        if pending is None:
+            pending = self._pending(kind, eid)
         pending.row = row
         pending.sources |= bit
         pending.meta = meta
