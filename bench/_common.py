@@ -40,6 +40,9 @@ from convergedb.protocol import (
     KindInfo,
     Message,
     Ok,
+    Query,
+    QueryResult,
+    QueryStatus,
     Sync,
     decode_message,
     encode_message,
@@ -344,3 +347,43 @@ def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     """Consecutive slices of `size` items."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+# --- helpers of the epoch and liveness benchmarks -------------------------------------------------
+
+
+def assert_entities(
+    conn: WireConnection, kind_id: int, ids: Sequence[int], *, round_: int = 0, batch: int = 1000
+) -> None:
+    """Assert entities `ids` (rows of `round_`) from `conn` in BATCH frames of `batch`,
+    pipelined 10 frames per send, then SYNC (so they are flushed when this returns)."""
+    for group in chunks(ids, batch * 10):
+        conn.send(b"".join(batch_frame(kind_id, part, round_) for part in chunks(group, batch)))
+    conn.sync()
+
+
+def query_statuses(conn: WireConnection, kind_id: int, ids: Sequence[int]) -> list[QueryStatus]:
+    """The QUERY status of each entity of `ids`, pipelined (up to 10,000 queries in flight)."""
+    statuses: list[QueryStatus] = []
+    for group in chunks(ids, 10_000):
+        streams: dict[int, int] = {}
+        frames = []
+        for index, i in enumerate(group):
+            stream = conn.next_stream()
+            streams[stream] = index
+            frames.append(encode_message(Query(kind_id, cdb.id_from_int(i)), stream))
+        conn.send(b"".join(frames))
+        found: list[QueryStatus | None] = [None] * len(group)
+        left = len(group)
+        while left:
+            frame = conn.read_frame()
+            index = streams.pop(frame.stream_id, -1)
+            reply = decode_message(frame.opcode, frame.payload)
+            if isinstance(reply, Error):
+                raise ServerReplyError(f"{reply.code!r} (op 0x{reply.op:02x}): {reply.message}")
+            if index < 0 or not isinstance(reply, QueryResult):
+                continue
+            found[index] = reply.status
+            left -= 1
+        statuses.extend(s for s in found if s is not None)
+    return statuses
