@@ -5,8 +5,10 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .demo import demo
 from .inspect import get, kinds, status
 from .serve import serve
+from .tail import events, watch
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,5 +17,5 @@ def main() -> None:
     """ConvergeDB: live, merged entity state from many writers, pushed to subscribers."""
 
 
-for command in (serve, status, kinds, get):
+for command in (serve, status, kinds, get, watch, events, demo):
     main.add_command(command)

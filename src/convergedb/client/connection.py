@@ -5,7 +5,8 @@ follows asyncpg). It knows frames and messages, not kinds or sources:
 
 - Every frame received is decoded in `data_received` and dispatched by its stream id. A non-zero
   stream belongs to a `StreamSink` registered with `open_stream`: a request waiting for its one
-  reply (`request`), or, later, a subscription that receives many frames on its stream.
+  reply (`request`), or a subscription that receives many frames on its stream
+  (`open_subscription`).
 - Stream 0 carries the server's asynchronous ERROR frames: rejected writes (kept as
   `WriteRejected` until `take_rejections`), and the reasons the server closes the connection
   (TAKEN_OVER, SHUTTING_DOWN, SLOW_SUBSCRIBER, ...). Each is also passed to `on_error`.
@@ -14,12 +15,18 @@ follows asyncpg). It knows frames and messages, not kinds or sources:
   speed of the network instead of buffering without bound.
 - When the connection is lost, every open stream fails with `ConnectionLost`, and so does every
   later call.
+- Reading is flow-controlled for subscriptions: a subscription whose queue is full calls
+  `hold_reading`, and the socket is not read while any hold is in place, so the server's buffer
+  for this connection backs up and the server merges our pending notifications per entity
+  (SPEC §8). Reading never pauses while a reply is awaited (`request`, `expecting_reply`): a
+  consumer that queries the server between two notifications cannot deadlock itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Final, Protocol, cast
 
 from ..limits import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, MAX_PAYLOAD_CEILING
@@ -111,6 +118,9 @@ class Connection(asyncio.Protocol):
         self._out: list[bytes | bytearray] = []
         self._out_size = 0
         self._flush_scheduled = False
+        self._read_holds: set[object] = set()
+        self._replies_awaited = 0
+        self._reading_paused = False
         self.max_payload: int = DEFAULT_MAX_PAYLOAD
         """The largest payload the server accepts (from CONNECTED)."""
 
@@ -125,6 +135,11 @@ class Connection(asyncio.Protocol):
     def writing_paused(self) -> bool:
         """Whether the transport's buffer is above its high-water mark (writers are waiting)."""
         return not self._write_ready.is_set()
+
+    @property
+    def reading_paused(self) -> bool:
+        """Whether the socket is not being read (a subscription's queue is full)."""
+        return self._reading_paused
 
     @property
     def in_flight(self) -> int:
@@ -184,7 +199,59 @@ class Connection(asyncio.Protocol):
         except BaseException:
             self.release_stream(stream_id)
             raise
-        return await future
+        with self.expecting_reply():
+            return await future
+
+    def open_subscription(self, message: Message, sink: StreamSink) -> int:
+        """Register `sink` on a new stream, send `message` (SUBSCRIBE, SUBSCRIBE_EVENTS) on it,
+        and return the stream id, which is the subscription id. Every frame of the stream goes
+        to `sink` until it says the stream is finished or `release_stream` frees it."""
+        payload = self._payload_of(message)
+        stream_id = self.open_stream(sink)
+        try:
+            self._write(message.OPCODE, stream_id, payload)
+        except BaseException:
+            self.release_stream(stream_id)
+            raise
+        return stream_id
+
+    # --- reading flow control -----------------------------------------------------------------
+
+    def hold_reading(self, owner: object) -> None:
+        """Stop reading the socket on behalf of `owner` (a subscription whose queue is full),
+        until `release_reading(owner)`. Reading goes on while a reply is awaited."""
+        self._read_holds.add(owner)
+        self._update_reading()
+
+    def release_reading(self, owner: object) -> None:
+        """Withdraw `owner`'s hold; reading resumes when no hold is left."""
+        if owner in self._read_holds:
+            self._read_holds.discard(owner)
+            self._update_reading()
+
+    @contextlib.contextmanager
+    def expecting_reply(self) -> Iterator[None]:
+        """Keep reading the socket during the block, whatever the holds: a reply is awaited."""
+        self._replies_awaited += 1
+        self._update_reading()
+        try:
+            yield
+        finally:
+            self._replies_awaited -= 1
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Pause or resume reading the transport to match the holds and the awaited replies."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        pause = bool(self._read_holds) and self._replies_awaited == 0
+        if pause != self._reading_paused:
+            self._reading_paused = pause
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     # --- fire-and-forget ----------------------------------------------------------------------
 

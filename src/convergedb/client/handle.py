@@ -1,26 +1,29 @@
-"""Kind handles: writing and reading the entities of one kind through a client.
+"""Kind handles: writing, reading and subscribing to the entities of one kind through a client.
 
 `client.register_kind(Player)` (or `resolve_kind`) returns a `KindHandle[Player]`, which knows the
-kind's id on the server and encodes `Player` instances to rows and back.
+kind's id on the server and encodes `Player` instances to rows and back. `handle.subscribe()` and
+`handle.subscribe_events()` open subscriptions (see `convergedb.client.subscription`).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from ..declare import KindModel
 from ..ids import entity_id as make_entity_id
 from ..protocol.codes import Opcode, QueryStatus
-from ..protocol.messages import Assert, Patch, Query, Retract
+from ..protocol.messages import Assert, KindInfo, Patch, Query, Retract
 from ..protocol.messages import QueryResult as QueryResultMessage
 from ..protocol.wire import BytesLike, EncodeError
 from ..schema.errors import InvalidData
+from ..schema.patch import apply_patch, mask_ordinals
 from ..schema.rows import RowCodec
-from ..schema.types import KindDef
+from ..schema.types import Field, KindDef
 from .errors import ConvergeError
+from .reconnect import ReconnectMode
+from .subscription import DEFAULT_MAX_QUEUE, EventSubscription, Subscription
 
 if TYPE_CHECKING:
     from .client import Client
@@ -37,6 +40,50 @@ class ReadOnlyHandle(ConvergeError, TypeError):
     Such a handle comes from `resolve_kind` with an older declaration than the server's: it can
     read (the newer fields are not seen) but writing would drop the fields it does not know.
     """
+
+
+class ModelField(Protocol):
+    """One field as a handle's model names it: the model's name for it and the schema field."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def field(self) -> Field: ...
+
+
+class HandleModel(Protocol[T]):
+    """What a `KindHandle` needs of its model: the kind's definition and row codec, and the
+    conversions between values of type `T` and positional wire values.
+
+    `convergedb.KindModel` (a class declared with `@convergedb.kind`) is one; the
+    `DynamicModel` of `convergedb.client.dynamic` (values as dicts by field name, built from
+    the server's schema) is the other.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def cls(self) -> type[Any]: ...
+
+    @property
+    def definition(self) -> KindDef: ...
+
+    @property
+    def codec(self) -> RowCodec: ...
+
+    @property
+    def members(self) -> Sequence[ModelField]: ...
+
+    @property
+    def names(self) -> tuple[str, ...]: ...
+
+    def from_values(self, values: Sequence[Any]) -> T: ...
+
+    def encode(self, obj: T) -> bytes: ...
+
+    def patch(self, changes: Mapping[str, Any]) -> tuple[int, bytes]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,23 +129,53 @@ class KindHandle(Generic[T]):
     def __init__(
         self,
         client: Client,
-        model: KindModel[T],
+        model: HandleModel[T],
         kind_id: int,
         schema_version: int,
         server_definition: KindDef,
+        *,
+        registered: bool = False,
     ) -> None:
         self._client = client
-        self.model: KindModel[T] = model
-        """The model of the declared class (its definition, row codec and conversions)."""
+        self.model: HandleModel[T] = model
+        """The model of the declared class (its definition, row codec and conversions), or a
+        `DynamicModel` for a handle from `client.kind(name)`."""
+        self.registered = registered
+        """Whether the handle came from `register_kind` (re-registered after a reconnection)
+        rather than `resolve_kind` (re-resolved)."""
         self.kind_id = kind_id
-        """The kind's id on the server."""
+        """The kind's id on the server (refreshed after a reconnection)."""
         self.schema_version = schema_version
-        """The server's schema version of the kind when the handle was made."""
+        """The server's schema version of the kind when the handle was made (or refreshed)."""
         self.server_definition = server_definition
         """The kind's current definition on the server (may have more fields than the class)."""
-        self.writable = len(server_definition.fields) == len(model.definition.fields)
+        self.writable = False
         """False when the server's schema has fields the class does not declare (read-only)."""
+        self.field_names: tuple[str, ...] = ()
+        """The names of the server's fields by ordinal: the class's attribute names, then the
+        server's names for the fields the class does not declare."""
+        self._codec = model.codec
+        self._set_definition(server_definition)
+
+    def _set_definition(self, server_definition: KindDef) -> None:
+        model = self.model
+        self.server_definition = server_definition
+        self.writable = len(server_definition.fields) == len(model.definition.fields)
         self._codec = model.codec if self.writable else RowCodec(server_definition.fields)
+        declared = {m.field.ordinal: m.name for m in model.members}
+        self.field_names = tuple(declared.get(f.ordinal, f.name) for f in server_definition.fields)
+
+    def refresh(self, info: KindInfo) -> None:
+        """Take the kind's id, schema version and definition from a KIND_INFO of the server
+        (the client does it after reconnecting)."""
+        self.kind_id = info.kind_id
+        self.schema_version = info.schema_version
+        self._set_definition(info.kind)
+
+    @property
+    def client(self) -> Client:
+        """The client this handle writes and reads through."""
+        return self._client
 
     @property
     def name(self) -> str:
@@ -168,6 +245,69 @@ class KindHandle(Generic[T]):
         if not codec.is_valid(row):
             codec.validate(row)
         return self.model.from_values(codec.decode(row))
+
+    def decode_patch(self, mask: int, values: bytes) -> dict[str, Any]:
+        """The fields a PATCH sets (its mask and values, as an event carries them), by name,
+        converted like the class's attributes. Fields the class does not declare keep their
+        wire value, under the server's name. Raises `InvalidData` for values that do not fit.
+        """
+        codec = self._codec
+        row = apply_patch(codec, codec.zero_row, mask, values)
+        wire = codec.decode(row)
+        instance = self.model.from_values(wire)
+        names = self.field_names
+        declared = len(self.model.names)
+        return {
+            names[o]: getattr(instance, names[o]) if o < declared else wire[o]
+            for o in mask_ordinals(mask)
+        }
+
+    # --- subscriptions --------------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        *,
+        bootstrap: bool = True,
+        include_previous: bool = False,
+        mode: ReconnectMode = ReconnectMode.RESUME,
+        reconnect: bool = True,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+    ) -> Subscription[T]:
+        """The live changes of this kind: `async with handle.subscribe() as sub: async for ...`.
+
+        - `bootstrap`: first receive every existing entity (BOOTSTRAP changes between
+          `BootstrapStarted` and `BootstrapComplete`); live changes may interleave with it.
+        - `include_previous`: UPDATED (and DELETED) changes also carry the previous state.
+        - `mode`: how the subscription is re-established after the client reconnects:
+          RESUME (default: only what changed meanwhile), FULL (bootstrap again) or LIVE_ONLY.
+        - `reconnect`: False ends the subscription with `ConnectionLost` when the connection is
+          lost, even if the client reconnects.
+        - `max_queue`: items queued before the client stops reading its socket (backpressure,
+          see `convergedb.client.subscription`).
+
+        Nothing is sent before the subscription starts (`async with`, `start()`, or the first
+        item of an `async for`).
+        """
+        return Subscription(
+            self,
+            bootstrap=bootstrap,
+            include_previous=include_previous,
+            mode=mode,
+            reconnect=reconnect,
+            max_queue=max_queue,
+        )
+
+    def subscribe_events(
+        self, from_seq: int = 0, *, reconnect: bool = True, max_queue: int = DEFAULT_MAX_QUEUE
+    ) -> EventSubscription[T]:
+        """The event stream of this kind (registered with `event_stream=True`): one `EventItem`
+        per ASSERT / PATCH / RETRACT received, before coalescing, with its own metadata.
+
+        `from_seq` is the first event wanted, if the server still keeps it (else the iterator
+        raises `EventsTruncated`); 0 means only events recorded from now on. After a
+        reconnection the stream resumes after the last event received.
+        """
+        return EventSubscription(self, from_seq=from_seq, reconnect=reconnect, max_queue=max_queue)
 
     # --- encoding (shared with batches) ---------------------------------------------------------
 

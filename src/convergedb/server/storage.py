@@ -183,6 +183,30 @@ class Store:
                     break
                 yield bytes(key[2:]), decode_entity(value)
 
+    def scan_entities(
+        self, kind_id: int, after: bytes | None, limit: int
+    ) -> list[tuple[bytes, Entity]]:
+        """Up to `limit` stored entities of a kind (tombstones included), in id order, starting
+        after the id `after` (from the first when None).
+
+        Each call is its own short read transaction, so a long scan made of many calls (a
+        bootstrap of a disk-backed kind) never pins old pages of the map: each chunk reads the
+        state committed when it is taken.
+        """
+        prefix = _KIND_KEY.pack(kind_id)
+        # keys are all 34 bytes: the first key above prefix + after is >= prefix + after + 00
+        start = prefix if after is None else prefix + after + b"\x00"
+        rows: list[tuple[bytes, Entity]] = []
+        with self._env.begin(buffers=True) as txn:
+            cursor = txn.cursor(db=self._entities)
+            if not cursor.set_range(start):
+                return rows
+            for key, value in cursor:
+                if len(rows) >= limit or bytes(key[:2]) != prefix:
+                    break
+                rows.append((bytes(key[2:]), decode_entity(value)))
+        return rows
+
     def get_entity(self, kind_id: int, eid: bytes) -> Entity | None:
         with self._env.begin(buffers=True) as txn:
             value = txn.get(entity_key(kind_id, eid), db=self._entities)
