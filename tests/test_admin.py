@@ -21,10 +21,12 @@ from convergedb.protocol import (
     CreateKind,
     ErrorCode,
     KindInfo,
+    Ok,
     Query,
     QueryResult,
     QueryStatus,
     Retract,
+    Subscribe,
 )
 from kinds import PLAYER, Player
 from server_fixture import ServerProcess, running_server
@@ -69,6 +71,9 @@ async def test_metrics_move_as_writes_happen(tmp_path: Path) -> None:
         await c.connect(ConnectMode.CLAIM, source_id=1)
         info = await c.request(CreateKind(PLAYER.definition))
         assert isinstance(info, KindInfo)
+        watcher = await WireClient.open(server.host, server.port)
+        await watcher.connect(ConnectMode.READ_ONLY)
+        assert isinstance(await watcher.request(Subscribe(info.kind_id)), Ok)
         c.send(Batch(tuple(Assert(info.kind_id, id_from_int(i), ROW) for i in range(10))))
         await c.sync()
         c.send(Retract(info.kind_id, id_from_int(0)))
@@ -83,8 +88,12 @@ async def test_metrics_move_as_writes_happen(tmp_path: Path) -> None:
         assert after[("convergedb_entities", (("kind", "player"),))] == 9
         assert after[("convergedb_tombstones", (("kind", "player"),))] == 1
         assert after[("convergedb_connections", (("role", "writer"),))] == 1
+        assert after[("convergedb_connections", (("role", "reader"),))] == 1
         assert after[("convergedb_flushes_total", ())] > before[("convergedb_flushes_total", ())]
         assert after[("convergedb_flush_duration_seconds_count", ())] >= 2
+        assert after[("convergedb_subscriptions", ())] == 1
+        assert after[("convergedb_notifications_total", ())] == 11  # 10 created, 1 deleted
+        assert after[("convergedb_pending_merged", ())] == 0
         await c.close()
         grace = await metrics(port)
         assert grace[("convergedb_sources_in_grace", ())] == 1

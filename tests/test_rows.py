@@ -271,3 +271,16 @@ def test_decode_named_gives_fields_by_name() -> None:
         "path": [{"x": 2.0, "ok": True}],
         "big": 2**100,
     }
+
+
+@given(schemas_with_values(), st.data())
+@settings(max_examples=200)
+def test_changed_fields_fast_path_agrees_with_field_by_field(
+    case: tuple[RowCodec, list[Any]], data: st.DataObject
+) -> None:
+    codec, values = case
+    other = list(values)
+    for ordinal in data.draw(st.sets(st.integers(0, len(values) - 1))):
+        other[ordinal] = data.draw(row_values(codec.fields))[ordinal]
+    old, new = codec.encode(values), codec.encode(other)
+    assert codec.changed_fields(old, new) == codec._changed_segments(old, new)

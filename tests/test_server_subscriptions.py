@@ -55,7 +55,7 @@ from convergedb.protocol import (
 from convergedb.server.catalog import KindState
 from convergedb.server.engine import Change, ChangeKind
 from convergedb.server.events import frame_header, prepare, stream_crc
-from convergedb.server.subscriptions import STATE_HEAD, changed_fields, prepare_changes
+from convergedb.server.subscriptions import STATE_HEAD, prepare_changes
 from convergedb.server.table import Entity
 from kinds import PLAYER, Player
 from server_fixture import ServerProcess, running_server
@@ -395,27 +395,6 @@ def test_prepared_frames_are_the_message_encoders_bytes() -> None:
             assert frame_header(frame, stream, stream_crc(stream)) == encode_header(
                 opcode, stream, size
             )
-
-
-def test_the_fast_changed_fields_agree_with_the_codec() -> None:
-    """The fan-out's XOR of fixed zones gives the codec's field-by-field answer, whether or not
-    the variable-length fields change."""
-    rng = random.Random(7)
-    for definition, make in (
-        (PLAYER.definition, lambda: PLAYER.encode(Player(
-            name=rng.choice(["", "a", "ab", "abc"]), hp=rng.randrange(3),
-            alive=rng.random() < 0.5, items=rng.choice([[], [1], [1, 2], [2]]),
-        ))),
-        (BLOB.definition, lambda: BLOB.encode(Blob(n=rng.randrange(3), text=rng.choice("xy")))),
-    ):  # fmt: skip
-        kind = KindState(3, definition, (len(definition.fields),))
-        for _ in range(500):
-            old, new = make(), make()
-            if old == new:
-                continue
-            change = Change(kind, id_from_int(1), ChangeKind.UPDATED, Entity(new, 2, 1, 2, 1, 0, 0),
-                            old, b"")  # fmt: skip
-            assert changed_fields(change) == kind.codec.changed_fields(old, new), (old, new)
 
 
 # --- live notifications --------------------------------------------------------------------------

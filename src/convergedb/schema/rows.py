@@ -283,6 +283,7 @@ class RowCodec:
         "_encoders",
         "_field_structs",
         "_fixed_checks",
+        "_fixed_spans",
         "_fixed_struct",
         "_plain",
         "_variable_checks",
@@ -336,6 +337,11 @@ class RowCodec:
         )
         self._zero_fill: dict[int, bytes] = {}
         self._variable_ordinals = tuple(f.ordinal for f in self.fields if f.is_variable)
+        self._fixed_spans = tuple(
+            (start * 8, (1 << ((end - start) * 8)) - 1, 1 << ordinal)
+            for ordinal, (start, end) in enumerate(zip(offsets, self.offsets[1:], strict=True))
+        )
+        """(bit shift, bit mask, field bit) of each field in the fixed zone read as an integer."""
         self.is_valid = compile_row_check(
             self.fields, self.offsets, self.fixed_size, self._variable_checks
         )
@@ -549,9 +555,26 @@ class RowCodec:
         return b"".join(fixed) + b"".join(data)
 
     def changed_fields(self, old: bytes, new: bytes) -> int:
-        """The bitmask of fields whose values differ between two rows of this schema."""
+        """The bitmask of fields whose values differ between two rows of this schema.
+
+        When the data zones (variable strings and arrays) are equal, only fixed-zone fields can
+        differ, and each has a fixed place there (a variable field's directory entry holds its
+        length): one XOR of the two zones, read as integers, finds them all. Otherwise the rows
+        are compared field by field.
+        """
         if old == new:
             return 0
+        size = self.fixed_size
+        if len(old) != len(new) or old[size:] != new[size:]:
+            return self._changed_segments(old, new)
+        diff = int.from_bytes(old[:size], "little") ^ int.from_bytes(new[:size], "little")
+        mask = 0
+        for shift, bits, field_bit in self._fixed_spans:
+            if diff >> shift & bits:
+                mask |= field_bit
+        return mask
+
+    def _changed_segments(self, old: bytes, new: bytes) -> int:
         mask = 0
         for ordinal, (a, b) in enumerate(zip(self.split(old), self.split(new), strict=True)):
             if a != b:

@@ -38,9 +38,10 @@ class ServerCollector(Collector):
             writes.add_metric([Opcode(op).name.lower()], count)
         yield writes
         rejected = CounterMetricFamily(
-            "convergedb_rejected_writes", "Write operations rejected, by error code.",
+            "convergedb_rejected_writes",
+            "Write operations rejected, by error code.",
             labels=["code"],
-        )  # fmt: skip
+        )
         for code, count in sorted(server.rejected.items()):
             rejected.add_metric([ErrorCode(code).name], count)
         yield rejected
@@ -48,6 +49,7 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily("convergedb_seq", "The last committed flush seq.", value=engine.seq)
         yield from self._kinds()
         yield from self._connections()
+        yield from self._subscriptions()
 
     def _kinds(self) -> Iterator[Metric]:
         entities = GaugeMetricFamily(
@@ -81,6 +83,29 @@ class ServerCollector(Collector):
             "convergedb_sources_expired",
             "Sources declared dead by liveness (their entities were retracted).",
             value=server.liveness.expired_sources,
+        )
+
+    def _subscriptions(self) -> Iterator[Metric]:
+        hub = self.server.subscriptions
+        yield CounterMetricFamily(
+            "convergedb_notifications",
+            "Notification frames sent to subscribers.",
+            value=hub.notifications,
+        )
+        yield GaugeMetricFamily(
+            "convergedb_subscriptions",
+            "Live state and event subscriptions.",
+            value=hub.subscriber_count,
+        )
+        yield GaugeMetricFamily(
+            "convergedb_pending_merged",
+            "Merged notifications held for backed-up subscribers (bounded by entities).",
+            value=hub.pending_merged(),
+        )
+        yield CounterMetricFamily(
+            "convergedb_slow_subscriber_closes",
+            "Connections closed with SLOW_SUBSCRIBER (read nothing for the subscriber timeout).",
+            value=hub.slow_closes,
         )
 
 

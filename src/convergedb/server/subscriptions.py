@@ -71,7 +71,6 @@ from ..protocol.messages import (
     SubscribeEvents,
     Unsubscribe,
 )
-from ..schema.rows import RowCodec
 from .catalog import KindState
 from .engine import Change, ChangeKind, Event
 from .events import (
@@ -121,52 +120,6 @@ EntityChunk = Sequence[tuple[bytes, Entity | None]]
 
 
 # --- payloads -------------------------------------------------------------------------------------
-
-
-class _FixedZone:
-    """Where each field sits in a schema's fixed zone, as bit ranges of the zone read as one
-    little-endian integer: (shift, mask, field bit) per field."""
-
-    __slots__ = ("size", "spans")
-
-    def __init__(self, codec: RowCodec) -> None:
-        offsets = codec.offsets
-        self.size = codec.fixed_size
-        self.spans = tuple(
-            (offsets[i] * 8, (1 << ((offsets[i + 1] - offsets[i]) * 8)) - 1, 1 << i)
-            for i in range(len(codec.fields))
-        )
-
-
-_FIXED_ZONES: dict[RowCodec, _FixedZone] = {}
-
-
-def changed_fields(change: Change) -> int:
-    """`change.changed_fields()`, computed faster in the common case.
-
-    An update whose data zone (variable strings and arrays) is unchanged differs only in its
-    fixed zone, where every field has a fixed place (a variable field's directory entry holds
-    its length, so a length change shows there): one XOR of the two zones gives every changed
-    field. Anything else asks the codec, which compares field by field.
-    """
-    if change.change is not _UPDATED:
-        return change.kind.codec.all_fields_mask
-    codec = change.kind.codec
-    old = change.previous
-    assert old is not None
-    new = change.entity.row
-    zone = _FIXED_ZONES.get(codec)
-    if zone is None:
-        zone = _FIXED_ZONES[codec] = _FixedZone(codec)
-    size = zone.size
-    if len(old) != len(new) or old[size:] != new[size:]:
-        return codec.changed_fields(old, new)
-    diff = int.from_bytes(old[:size], "little") ^ int.from_bytes(new[:size], "little")
-    mask = 0
-    for shift, bits, field in zone.spans:
-        if diff >> shift & bits:
-            mask |= field
-    return mask
 
 
 def _blob32(data: bytes) -> bytes:
@@ -814,7 +767,7 @@ class SubscriptionHub:
         self, changes: list[Change], subs: list[StateSubscription], touched: list[Outbox]
     ) -> None:
         """One kind's changes of one flush to its subscribers: encoded once, addressed to each."""
-        masks = [changed_fields(change) for change in changes]
+        masks = [change.changed_fields() for change in changes]
         plain: list[Prepared] | None = None
         with_previous: list[Prepared] | None = None
         for sub in subs:
