@@ -772,3 +772,37 @@ async def test_a_restart_ends_the_connection_and_a_resume_converges(server: Serv
     await follow(reader, sub_id, mirror, lambda: mirror.ended is not None)
     assert mirror.began == BootstrapBegin(kind, BootstrapMode.DELTA, 40)
     assert mirror.alive() == await server_alive(writer, kind, eids)
+
+
+async def test_resume_past_the_compaction_horizon_falls_back_to_full(tmp_path: Path) -> None:
+    """A tombstone newer than since_seq was compacted: a delta would miss that deletion."""
+    async with running_server(tmp_path, "--tombstone-retention", "0.3") as server:
+        writer = await writer_client(server, 1)
+        kind = await register(writer, PLAYER.definition)
+        eids = [id_from_int(i) for i in range(20)]
+        writer.send(Batch(tuple(Assert(kind, eid, player(i)) for i, eid in enumerate(eids))))
+        await writer.sync()
+        reader = await reader_client(server)
+        mirror = Mirror()
+        sub_id = await subscribe(reader, kind, BOOTSTRAP, mirror=mirror)
+        await follow(reader, sub_id, mirror, lambda: mirror.ended is not None)
+        since = mirror.highest_seq
+        await reader.close()
+
+        writer.send(Retract(kind, eids[3]))
+        await writer.sync()
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:  # wait for compaction to remove the tombstone (a condition, polled)
+            result = await writer.request(Query(kind, eids[3]))
+            assert isinstance(result, QueryResult)
+            if result.status is QueryStatus.NOT_FOUND:
+                break
+            assert asyncio.get_running_loop().time() < deadline, "never compacted"
+            await asyncio.sleep(0.05)
+
+        reader = await reader_client(server)
+        full = Mirror()
+        sub_id = await subscribe(reader, kind, RESUME, since, mirror=full)
+        await follow(reader, sub_id, full, lambda: full.ended is not None)
+        assert full.began == BootstrapBegin(kind, BootstrapMode.FULL, 19)
+        assert full.alive() == await server_alive(writer, kind, eids)
