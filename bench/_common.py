@@ -65,7 +65,7 @@ M = TypeVar("M", bound=Message)
 
 @cdb.kind("bench_player")
 class Player:
-    """A typical 10-field kind (the same as bench/codec.py's)."""
+    """A typical 10-field kind, used by every benchmark."""
 
     name: Annotated[str, cdb.String(0, max_length=32)] = ""
     level: Annotated[int, cdb.U16(1)] = 0

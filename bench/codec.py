@@ -13,25 +13,11 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from typing import Annotated
 
 import convergedb as cdb
+from _common import Player
 from convergedb.protocol import Assert, FrameReader, Opcode, encode_frame, iter_batch
 from convergedb.protocol.messages import Batch
-
-
-@cdb.kind("bench_player")
-class Player:
-    name: Annotated[str, cdb.String(0, max_length=32)] = ""
-    level: Annotated[int, cdb.U16(1)] = 0
-    hp: Annotated[int, cdb.U32(2)] = 0
-    mana: Annotated[int, cdb.U32(3)] = 0
-    x: Annotated[float, cdb.F32(4)] = 0.0
-    y: Annotated[float, cdb.F32(5)] = 0.0
-    z: Annotated[float, cdb.F32(6)] = 0.0
-    online: Annotated[bool, cdb.Bool(7)] = False
-    guild: Annotated[str, cdb.String(8, max_length=16, fixed=True)] = ""
-    score: Annotated[int, cdb.I64(9)] = 0
 
 
 def measure(label: str, ops: int, body: Callable[[], None], runs: int) -> None:
