@@ -806,3 +806,36 @@ async def test_resume_past_the_compaction_horizon_falls_back_to_full(tmp_path: P
         await follow(reader, sub_id, full, lambda: full.ended is not None)
         assert full.began == BootstrapBegin(kind, BootstrapMode.FULL, 19)
         assert full.alive() == await server_alive(writer, kind, eids)
+
+
+async def test_resume_at_scale_sends_the_changed_percent(server: ServerProcess) -> None:
+    """RESUME after 1% of 100,000 entities changed: about 1,000 frames, not 100,000; the
+    resumed mirror ends equal to a fresh full bootstrap of the server's state."""
+    writer = await writer_client(server, 1)
+    kind = await register(writer, PLAYER.definition)
+    eids = [id_from_int(i) for i in range(100_000)]
+    for start in range(0, 100_000, 5000):
+        writer.send(
+            Batch(tuple(Assert(kind, eids[i], player(i)) for i in range(start, start + 5000)))
+        )
+    await writer.sync()
+    reader = await reader_client(server)
+    mirror = Mirror()
+    sub_id = await subscribe(reader, kind, BOOTSTRAP, mirror=mirror)
+    await follow(reader, sub_id, mirror, lambda: mirror.ended is not None)
+    assert mirror.bootstrap_frames == 100_000
+    await reader.close()
+
+    writer.send(Batch(tuple(Assert(kind, eids[i], player(i, 1)) for i in range(0, 100_000, 100))))
+    writer.send(Batch(tuple(Retract(kind, eids[i]) for i in range(50, 100_000, 10_000))))
+    await writer.sync()
+
+    reader = await reader_client(server)
+    sub_id = await subscribe(reader, kind, RESUME, mirror.highest_seq, mirror=mirror)
+    await follow(reader, sub_id, mirror, lambda: mirror.ended is not None)
+    assert mirror.began == BootstrapBegin(kind, BootstrapMode.DELTA, 1010)
+    fresh = Mirror()
+    sub_id = await subscribe(reader, kind, BOOTSTRAP, mirror=fresh)
+    await follow(reader, sub_id, fresh, lambda: fresh.ended is not None)
+    assert mirror.alive() == fresh.alive()
+    assert len(fresh.alive()) == 100_000 - 10
