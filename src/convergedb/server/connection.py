@@ -171,7 +171,10 @@ class ServerConnection(asyncio.Protocol):
         closes = close or exc.code in CLOSING_ERRORS
         self.send(Error.from_exception(exc), stream_id, SERVER_CLOSING_FLAG if closes else 0)
         if closes:
+            log.info("%s: %s (%s), closing the connection", self.peer, exc.code.name, exc.message)
             self.close()
+        else:
+            log.debug("%s: %s (%s)", self.peer, exc.code.name, exc.message)
 
     def close(self) -> None:
         self.closing = True
