@@ -48,7 +48,6 @@ from ..client import (
 from ..client.dynamic import Record
 from ..declare import U16, String, kind
 from ..ids import EntityId, id_from_str
-from ..protocol.messages import EpochBegin, EpochEnd, Message, Ok
 from .tail import plural
 
 LISTENING: Final = re.compile(r"^convergedb listening on (?P<host>\S+):(?P<port>\d+)")
@@ -555,12 +554,11 @@ class Demo:
             "re-asserts its whole snapshot (PATCHes of the fields it owns, in one batch), and",
             "ends the epoch:",
         )
-        await request_ok(client, EpochBegin())
-        async with client.batch() as batch:
+        async with client.epoch() as epoch, client.batch() as batch:
             for name, player in self.upstream.items():
                 owned = {"name": player.name, "server": player.server, "hp": player.hp}
                 batch.patch(handle, player_id(name), owned)
-        retracted = await request_ok(client, EpochEnd())
+        retracted = epoch.retracted
         deleted = await self.watcher.wait_for(ChangeType.DELETED, "fay")
         if deleted.cause is not DeleteCause.EPOCH_END:
             raise DemoFailed(f"fay was deleted with cause {deleted.cause!r}, not epoch end")
@@ -587,11 +585,3 @@ class Demo:
             "Try it yourself: `convergedb serve` in one terminal, then",
             "`convergedb watch player --bootstrap` and `convergedb status` in another.",
         )
-
-
-async def request_ok(client: Client, message: Message) -> int:
-    """Send a request whose answer is OK, and return its value."""
-    reply = await client.connection.request(message)
-    if not isinstance(reply, Ok):
-        raise DemoFailed(f"the server answered {message.OPCODE.name} with {reply.OPCODE.name}")
-    return reply.value
