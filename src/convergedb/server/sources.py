@@ -76,10 +76,6 @@ class SourceRegistry:
         self.grace: dict[int, asyncio.TimerHandle] = {}
         self._on_expire = on_expire
 
-    @property
-    def in_grace(self) -> set[int]:
-        return set(self.grace)
-
     def is_free(self, source_id: int) -> bool:
         return source_id not in self.holders and source_id not in self.grace
 

@@ -20,7 +20,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import lmdb
 
@@ -235,9 +235,6 @@ class Store:
     def close(self) -> None:
         """Close the environment (a clean shutdown; LMDB needs no recovery either way)."""
         self._env.close()
-
-    def stat(self) -> dict[str, Any]:
-        return dict(self._env.info())
 
 
 def _entity_items(entities: Iterable[tuple[int, bytes, Entity]]) -> list[tuple[bytes, bytes]]:
