@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -10,6 +9,7 @@ from typing import Annotated
 import pytest
 
 import convergedb as cdb
+from client_helpers import Errors
 from convergedb.protocol import Assert, ErrorCode, Opcode, QueryStatus
 from server_fixture import ServerProcess
 
@@ -64,26 +64,6 @@ ANA = Player(
     inventory=[7, 8, 9],
     slots=[Slot(100, 2), Slot(200, 1)],
 )
-
-
-class Errors:
-    """Collects what `on_error` receives and lets a test wait for it."""
-
-    def __init__(self) -> None:
-        self.received: list[cdb.ConvergeError] = []
-        self._arrived = asyncio.Event()
-
-    def __call__(self, error: cdb.ConvergeError) -> None:
-        self.received.append(error)
-        self._arrived.set()
-
-    async def wait(self, count: int = 1) -> cdb.ConvergeError:
-        """The `count`-th error, once it has arrived."""
-        async with asyncio.timeout(TIMEOUT):
-            while len(self.received) < count:
-                self._arrived.clear()
-                await self._arrived.wait()
-        return self.received[count - 1]
 
 
 @pytest.fixture
