@@ -17,8 +17,10 @@ from convergedb import id_from_int
 from convergedb.protocol import (
     Assert,
     Batch,
+    Connect,
     ConnectMode,
     CreateKind,
+    Error,
     ErrorCode,
     KindInfo,
     Ok,
@@ -130,6 +132,12 @@ async def test_json_logs(tmp_path: Path) -> None:
     assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
 
 
+def _config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    return path
+
+
 def serve_help() -> str:
     result = subprocess.run(
         [sys.executable, "-m", "convergedb", "serve", "--help"],
@@ -149,11 +157,25 @@ def test_serve_help_shows_every_default() -> None:
         assert flag in text and default in text, flag
 
 
+async def test_tokens_come_from_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "convergedb.toml"
+    config.write_text('[serve]\ntoken = ["reader:look", "writer:w:4"]\n')
+    (tmp_path / "run").mkdir()
+    async with running_server(tmp_path / "run", "--config", str(config)) as server:
+        refused = await WireClient.open(server.host, server.port)
+        refused.send(Connect(ConnectMode.ALLOCATE), 1)
+        _, reply = await refused.reply(1)
+        assert isinstance(reply, Error) and reply.code == ErrorCode.AUTH_FAILED
+        writer = await WireClient.open(server.host, server.port)
+        assert (await writer.connect(ConnectMode.ALLOCATE, auth_token="w")).source_id == 4
+
+
 def test_invalid_settings_get_a_clear_error(tmp_path: Path) -> None:
     for args, message in [
         (["--port", "70000"], "70000"),
         (["--token", "boss:x"], "unknown role 'boss'"),
         (["--token", "reader:x:1"], "only writer tokens"),
+        (["--config", str(_config(tmp_path, "colour = 'blue'\n"))], "unknown settings colour"),
     ]:
         result = subprocess.run(
             [sys.executable, "-m", "convergedb", "serve", "--data-dir", str(tmp_path), *args],

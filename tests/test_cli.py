@@ -98,3 +98,22 @@ async def test_a_server_that_is_not_there(tmp_path: Path) -> None:
     port = str(free_port())
     status, _, err = await cli("kinds", "--port", port)
     assert status == 1 and "cannot reach the server" in err
+
+
+async def test_backup_while_the_server_runs_then_restore(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    await populated(server)
+    copy = tmp_path / "backup"
+    status, out, err = await cli("backup", "--data-dir", str(server.data_dir), str(copy))
+    assert status == 0 and "backed up" in out, err
+    (tmp_path / "restored").mkdir()
+    async with running_server(tmp_path / "restored", data_dir=copy) as restored:
+        entity = await cli_json("get", "player", "42", "--port", str(restored.port))
+        assert entity["status"] == "ALIVE" and entity["value"]["name"] == "ana"
+    status, _, err = await cli("backup", "--data-dir", str(server.data_dir), str(copy))
+    assert status == 1 and "not empty" in err
+    status, _, err = await cli(
+        "backup", "--data-dir", str(tmp_path / "nothing"), str(tmp_path / "b2")
+    )
+    assert status == 1 and "holds no ConvergeDB store" in err

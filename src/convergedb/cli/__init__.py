@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .backup import backup
 from .demo import demo
 from .inspect import get, kinds, status
 from .serve import serve
@@ -17,5 +18,5 @@ def main() -> None:
     """ConvergeDB: live, merged entity state from many writers, pushed to subscribers."""
 
 
-for command in (serve, status, kinds, get, watch, events, demo):
+for command in (serve, status, kinds, get, watch, events, demo, backup):
     main.add_command(command)

@@ -25,7 +25,17 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise click.BadParameter(f"cannot read {value}: {exc}") from None
     section = data.get("serve", data)
-    ctx.default_map = {key.replace("-", "_"): item for key, item in section.items()}
+    names = {
+        opt.lstrip("-").replace("-", "_"): param.name
+        for param in ctx.command.params
+        for opt in param.opts
+        if param.name is not None and param.name != "config"
+    }
+    names.update({name: name for name in names.values()})
+    unknown = sorted(key for key in section if key.replace("-", "_") not in names)
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown settings {', '.join(unknown)}")
+    ctx.default_map = {names[key.replace("-", "_")]: item for key, item in section.items()}
 
 
 def _tokens(_ctx: click.Context, _param: click.Parameter, values: Any) -> tuple[TokenGrant, ...]:

@@ -232,6 +232,24 @@ class Store:
             if write.removed:
                 txn.put(_COMPACTED_KEY, _U64.pack(write.compacted_seq), db=self._meta)
 
+    @staticmethod
+    def backup(data_dir: Path, destination: Path) -> None:
+        """Copy the store of `data_dir` into `destination` (a new directory), consistently, even
+        while a server runs on it: LMDB copies one read transaction's snapshot, which is the
+        state after some committed flush. The copy is compacted (free pages left out)."""
+        source = data_dir / "store"
+        if not (source / "data.mdb").exists():
+            raise StoreError(f"{data_dir} holds no ConvergeDB store")
+        if destination.exists() and any(destination.iterdir()):
+            raise StoreError(f"{destination} is not empty: back up into a new directory")
+        target = destination / "store"
+        target.mkdir(parents=True, exist_ok=True)
+        env = lmdb.open(str(source), readonly=True, max_dbs=8, map_size=MAP_SIZE)
+        try:
+            env.copy(str(target), compact=True)
+        finally:
+            env.close()
+
     def close(self) -> None:
         """Close the environment (a clean shutdown; LMDB needs no recovery either way)."""
         self._env.close()
