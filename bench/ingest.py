@@ -9,7 +9,8 @@ entity). Every frame is a BATCH of 100 ASSERTs, all encoded before the clock sta
 sends a SYNC every --sync-every batches and never has more than --max-inflight asserts beyond
 its last answered SYNC. Throughput = total asserts / (first send of any writer -> final SYNC
 reply of the last writer), so every counted assert is flushed and fsync'd. The SYNC round trip
-(SYNC sent -> its OK read) is a stand-in for the flush duration until the server reports it.
+(SYNC sent -> its OK read) is the writers' view; the flush duration p50/p99 come from the
+server's flush-duration histogram (admin /metrics; bucket bounds, so "<= X ms").
 
     python bench/ingest.py [--quick] [--runs N] [--asserts N]
 """
@@ -17,17 +18,22 @@ reply of the last writer), so every counted assert is flushed and fsync'd. The S
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import multiprocessing.synchronize as mps
 import os
 import queue
+import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 import convergedb as cdb
 from _common import (
@@ -200,6 +206,8 @@ class RunResult:
     seconds: float
     sync_rtts_ns: list[int]
     server_cpu_s: float
+    flush_buckets: list[tuple[float, float]]
+    """The server's flush-duration histogram: (upper bound s, cumulative count)."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -227,7 +235,10 @@ def check_last_round(server: ServerHandle, args: argparse.Namespace) -> None:
 def run_once(args: argparse.Namespace, workdir: Path) -> RunResult:
     """Start a fresh server, run the writers, stop the server."""
     fsync = "--no-fsync" if args.no_fsync else "--fsync"
-    server = start_server(workdir / "data", "--window-ms", str(args.window_ms), fsync)
+    admin_port = free_port()
+    server = start_server(
+        workdir / "data", "--window-ms", str(args.window_ms), fsync, "--admin-port", str(admin_port)
+    )
     ctx = mp.get_context("spawn")
     ready = ctx.Barrier(args.writers + 1)
     results: mp.Queue[WriterResult] = ctx.Queue()
@@ -258,6 +269,7 @@ def run_once(args: argparse.Namespace, workdir: Path) -> RunResult:
         if errors:
             raise RuntimeError("; ".join(errors))
         check_last_round(server, args)
+        buckets = flush_histogram(server.host, admin_port)
     finally:
         for process in processes:
             if process.is_alive():
@@ -267,20 +279,37 @@ def run_once(args: argparse.Namespace, workdir: Path) -> RunResult:
     end = max(o.last_reply_ns for o in outcomes)
     rtts = [rtt for o in outcomes for rtt in o.sync_rtts_ns]
     total = sum(o.asserts for o in outcomes)
-    return RunResult(total, (end - start) / 1e9, rtts, cpu_after - cpu_before)
+    return RunResult(total, (end - start) / 1e9, rtts, cpu_after - cpu_before, buckets)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def flush_histogram(host: str, port: int) -> list[tuple[float, float]]:
+    """The cumulative buckets of convergedb_flush_duration_seconds from the admin /metrics."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    return sorted(
+        (float(sample.labels["le"]), sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "convergedb_flush_duration_seconds_bucket"
+    )
 
 
 # --- report -----------------------------------------------------------------------------------
 
 
-def server_flush_percentiles() -> tuple[float, float] | None:
-    """Server-side flush duration p50/p99 in ms, or None while the server does not report it.
-
-    >>> TODO(lead): the server keeps only `Engine.last_flush_seconds`, in-process. Once it
-    >>> exposes flush durations (e.g. a flush-latency histogram on the admin port's /metrics),
-    >>> read them here (start the server with an admin port) and return (p50_ms, p99_ms).
-    """
-    return None
+def bucket_percentile(buckets: list[tuple[float, float]], p: float) -> float:
+    """The upper bound (s) of the histogram bucket that holds the p-th percentile."""
+    total = buckets[-1][1]
+    for bound, count in buckets:
+        if count >= total * p / 100:
+            return bound
+    return math.inf
 
 
 def report(runs: list[RunResult]) -> None:
@@ -316,11 +345,13 @@ def report(runs: list[RunResult]) -> None:
         " its round trip is about in-flight asserts / throughput; a smaller --max-inflight"
         " brings it closer to the flush itself)"
     )
-    flush = server_flush_percentiles()
-    if flush is None:
-        print("server flush duration p50/p99: NOT REPORTED by the server yet (see TODO above)")
-    else:
-        print(f"server flush duration p50 {flush[0]:.1f} ms, p99 {flush[1]:.1f} ms")
+    for label, p in (("p50", 50), ("p99", 99)):
+        bounds = [bucket_percentile(r.flush_buckets, p) * 1000 for r in runs]
+        print(
+            f"server flush duration {label}: <= {statistics.median(bounds):g} ms"
+            f"  (the server's histogram bucket holding it; runs: "
+            f"{', '.join(f'{b:g}' for b in bounds)})"
+        )
 
 
 def main() -> None:

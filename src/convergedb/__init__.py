@@ -1,7 +1,51 @@
 """ConvergeDB: the live, merged state of typed entities written by many independent sources.
 
-The public surface of the Python package: declaring kinds (`kind`, `struct` and the field
-specs), entity-id helpers, and the errors a user may catch.
+The public surface of the Python package, all importable from here (`import convergedb as
+cdb`):
+
+- **Declaring kinds**: the decorators `kind` and `struct`, and the field specs (`U8` ...
+  `U128`, `I8` ... `I64`, `F32`, `F64`, `Bool`, `String`, `Bytes`, `Struct`, `Array`).
+- **The client SDK**, documented with an overview in `convergedb.client`: `connect`,
+  `Client`, `KindHandle`, `Batch`, `Subscription`, `Mirror`, and the errors (`ConvergeError`
+  and its subclasses).
+- **Entity ids**: `entity_id` and the `id_from_*` helpers. An `EntityId` is exactly 32
+  bytes; an int key is its u64 little-endian, a str key the SHA-256 of its UTF-8, a UUID its
+  16 bytes, and raw bytes (at most 32) are zero-padded.
+- **Schema errors** raised before anything is sent: `InvalidSchema`, `InvalidData`,
+  `SchemaConflict`, `ReservedName` (all `SchemaError`, a `ValueError`).
+
+## Declaring a kind
+
+A kind is a class whose attributes are annotated `Annotated[<python type>, <spec>]`, where
+the spec gives the wire type and the field's permanent ordinal:
+
+```python
+from typing import Annotated
+
+import convergedb as cdb
+
+
+@cdb.struct
+class Vec3:
+    x: Annotated[float, cdb.F32(0)] = 0.0
+    y: Annotated[float, cdb.F32(1)] = 0.0
+    z: Annotated[float, cdb.F32(2)] = 0.0
+
+
+@cdb.kind("player")
+class Player:
+    name: Annotated[str, cdb.String(0, max_length=32)] = ""
+    hp: Annotated[int, cdb.U16(1)] = 0
+    pos: Annotated[Vec3, cdb.Struct(2)] = Vec3()
+    inventory: Annotated[list[int], cdb.Array(3, cdb.U32(), max_count=64)] = []
+
+
+async def main() -> None:
+    async with cdb.connect(name="game-server-1") as client:
+        players = await client.register_kind(Player)
+        await players.assert_("player:ana", Player(name="ana", hp=90, pos=Vec3(1, 2, 3)))
+        await client.sync()
+```
 """
 
 from .client import (
@@ -52,6 +96,7 @@ from .client import (
     UnknownKind,
     UnknownSubscription,
     WriteRejected,
+    WritesLost,
     connect,
     decode_metadata,
     encode_metadata,
@@ -95,6 +140,7 @@ from .protocol.codes import ErrorCode, QueryStatus
 from .schema.errors import InvalidData, InvalidSchema, ReservedName, SchemaConflict, SchemaError
 
 __version__ = "0.1.0"
+"""The version of this package (the SDK; a server reports its own in `Client.server_version`)."""
 
 __all__ = [
     "F32",
@@ -171,6 +217,7 @@ __all__ = [
     "UnknownKind",
     "UnknownSubscription",
     "WriteRejected",
+    "WritesLost",
     "__version__",
     "connect",
     "decode_metadata",

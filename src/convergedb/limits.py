@@ -44,5 +44,9 @@ DEFAULT_SUBSCRIBER_BUFFER: Final = 4096
 DEFAULT_SUBSCRIBER_TIMEOUT_S: Final = 60.0
 DEFAULT_EVENT_RING: Final = 65_536
 DEFAULT_MAX_CONNECTIONS: Final = 10_000
+DEFAULT_MAX_SUBSCRIPTIONS: Final = 1024
+"""Live subscriptions (state and event) per connection (ours: SPEC §13 sets no number)."""
+DEFAULT_READ_TIMEOUT_S: Final = 30.0
+"""Seconds a connection has to send CONNECT, and may stall inside a frame (ours)."""
 DEFAULT_RECONNECT_INITIAL_S: Final = 0.1
 DEFAULT_RECONNECT_CAP_S: Final = 10.0

@@ -147,6 +147,18 @@ def _option(*names: str, **kwargs: Any) -> Callable[[FC], FC]:
     help="Most client connections at once.",
 )
 @_option(
+    "--max-subscriptions",
+    type=click.IntRange(1),
+    default=limits.DEFAULT_MAX_SUBSCRIPTIONS,
+    help="Most live subscriptions (state and event) per connection.",
+)
+@_option(
+    "--read-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=limits.DEFAULT_READ_TIMEOUT_S,
+    help="Seconds a new connection has to send CONNECT, and a frame may stall half-received.",
+)
+@_option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -163,6 +175,7 @@ def serve(**settings: Any) -> None:
 
     settings["tombstone_retention_s"] = settings.pop("tombstone_retention")
     settings["subscriber_timeout_s"] = settings.pop("subscriber_timeout")
+    settings["read_timeout_s"] = settings.pop("read_timeout")
     try:
         config = ServerConfig(**settings)
     except ValueError as exc:

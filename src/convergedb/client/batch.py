@@ -57,18 +57,36 @@ class _Frame:
 
 
 class Batch:
-    """Writes collected to be sent together as BATCH frames.
+    """Writes of any kinds, collected to be sent together as BATCH frames.
 
-    Make one with `client.batch()`. Add writes with `assert_`, `patch` and `retract` (not
-    awaited: they only encode), then send them with `await flush()` or by leaving an
-    `async with` block. **If the block raises, the batch is discarded: none of its writes that
-    were not flushed yet are sent.** Writes already flushed stay sent.
+    Make one with `Client.batch`. Add writes with `assert_`, `patch` and `retract` (not
+    awaited: they only encode, so a value that does not fit raises `convergedb.InvalidData` at
+    once), then send them with `await flush()` or by leaving an `async with` block. **If the
+    block raises, the batch is discarded: none of its writes that were not flushed yet are
+    sent.** Writes already flushed stay sent.
 
-    The writes are applied by the server in the order they were added, each on its own: one that
-    the server rejects is dropped alone and reported as a `WriteRejected`.
+    The writes are cut into BATCH frames that each stay under the server's maximum payload.
+    Each frame lands in one server flush; a batch bigger than one frame may be spread over
+    several flushes. The server applies the writes in the order they were added, each on its
+    own: one that it rejects is dropped alone and reported as a `WriteRejected`.
+
+    Example:
+        ```python
+        async with client.batch() as b:
+            for pid, player in snapshot.items():
+                b.assert_(players, pid, player)
+            b.patch(players, "player:ana", hp=75)
+            b.retract(matches, old_match_id)
+        await client.sync()  # every write of the batch is durable and visible
+        ```
     """
 
     def __init__(self, client: Client) -> None:
+        """Make an empty batch for `client` (`Client.batch` does it).
+
+        Args:
+            client: The client whose connection sends the batch.
+        """
         self._client = client
         self._sealed: list[bytearray] = []
         self._frame = _Frame()
@@ -91,7 +109,23 @@ class Batch:
     def assert_(
         self, handle: KindHandle[T], entity_id: EntityKey, value: T, *, meta: BytesLike = b""
     ) -> None:
-        """Add an ASSERT of `value` (see `KindHandle.assert_`)."""
+        """Add an ASSERT of `value` (see `KindHandle.assert_`). Nothing is sent yet.
+
+        Args:
+            handle: The kind's handle (any kind of the same client).
+            entity_id: The entity: an `EntityKey`.
+            value: The entity's whole value, an instance of the handle's class.
+            meta: The write's metadata.
+
+        Raises:
+            InvalidData: `value` does not fit the schema.
+            TypeError: `entity_id` names no entity, or `meta` is not bytes.
+            ValueError: `entity_id` is out of range.
+            PayloadTooLarge: This one write would not fit in a BATCH frame under the server's
+                maximum payload.
+            ReadOnlyHandle: The handle cannot write (an older declaration's handle).
+            ReadOnlyError: A `DynamicKindHandle` of a read-only client.
+        """
         self._add(Opcode.ASSERT, handle.assert_payload(entity_id, value, meta))
 
     def patch(
@@ -104,14 +138,47 @@ class Batch:
         meta: BytesLike = b"",
         **fields: Any,
     ) -> None:
-        """Add a PATCH of the named fields (see `KindHandle.patch`)."""
+        """Add a PATCH of the named fields (see `KindHandle.patch`). Nothing is sent yet.
+
+        Args:
+            handle: The kind's handle (any kind of the same client).
+            entity_id: The entity: an `EntityKey`.
+            changes: Field names to new values (optional; a field named `meta` must go here).
+            meta: The write's metadata.
+            fields: More field names to new values, as keyword arguments.
+
+        Raises:
+            AttributeError: A name is not a field of the handle's class.
+            InvalidData: No field is given, or a value does not fit its field.
+            TypeError: A field is given twice, `entity_id` names no entity, or `meta` is not
+                bytes.
+            ValueError: `entity_id` is out of range.
+            PayloadTooLarge: This one write would not fit in a BATCH frame under the server's
+                maximum payload.
+            ReadOnlyHandle: The handle cannot write (an older declaration's handle).
+            ReadOnlyError: A `DynamicKindHandle` of a read-only client.
+        """
         payload = handle.patch_payload(entity_id, merge_changes(changes, fields), meta)
         self._add(Opcode.PATCH, payload)
 
     def retract(
         self, handle: KindHandle[Any], entity_id: EntityKey, *, meta: BytesLike = b""
     ) -> None:
-        """Add a RETRACT (see `KindHandle.retract`)."""
+        """Add a RETRACT (see `KindHandle.retract`). Nothing is sent yet.
+
+        Args:
+            handle: The kind's handle (any kind of the same client).
+            entity_id: The entity: an `EntityKey`.
+            meta: The write's metadata.
+
+        Raises:
+            TypeError: `entity_id` names no entity, or `meta` is not bytes.
+            ValueError: `entity_id` is out of range.
+            PayloadTooLarge: This one write would not fit in a BATCH frame under the server's
+                maximum payload.
+            ReadOnlyHandle: The handle cannot write (an older declaration's handle).
+            ReadOnlyError: A `DynamicKindHandle` of a read-only client.
+        """
         self._add(Opcode.RETRACT, handle.retract_payload(entity_id, meta))
 
     def _add(self, op: Opcode, body: bytes) -> None:
@@ -132,9 +199,15 @@ class Batch:
     async def flush(self) -> None:
         """Send the writes added so far, as BATCH frames, and empty the batch.
 
-        Like every client call, it first raises a pending `WriteRejected` (the batch is then
-        kept, unsent, and can be flushed again). Returns once the frames are handed to the
-        connection; use `client.sync()` to wait until the server has flushed them.
+        Returns once the frames are handed to the connection; use `Client.sync` to wait until
+        the server has flushed them. Leaving an `async with` block without an exception calls
+        it.
+
+        Raises:
+            WriteRejected: A write sent earlier was rejected (see `Client`); the batch is then
+                kept, unsent, and can be flushed again.
+            ConnectionLost: The client is not connected (the batch is kept), or the connection
+                was lost while sending (the frames not sent are lost).
         """
         self._client.raise_pending_errors()
         if self._frame.count:
@@ -146,7 +219,7 @@ class Batch:
             await self._client._send_write(Opcode.BATCH, payload, check=False)
 
     def discard(self) -> None:
-        """Drop every write added and not yet flushed."""
+        """Drop every write added and not yet flushed (what an exception in the block does)."""
         self._sealed = []
         self._frame = _Frame()
         self._count = 0

@@ -11,15 +11,10 @@
 `connect()` can also be awaited directly (`client = await cdb.connect(...)`); then close the client
 with `await client.close()`.
 
-**Reconnection** is on by default (`connect(reconnect=True)`, SPEC §8): a lost connection is
-re-established with exponential backoff (100 ms, doubling, capped at 10 s), reclaiming the same
-source with takeover, refreshing the kind handles and re-subscribing (see
-`convergedb.client.reconnect`). While the client is disconnected, every call — writes included —
-raises `ConnectionLost` at once: writes are fire-and-forget, and holding them back would only
-hide the outage. A writer that must not lose its state re-asserts it from `on_reconnect` (its
-entities themselves survive: the source is reclaimed within its liveness deadline), or waits
-with `await client.wait_connected()`. Calls that were waiting for a reply when the connection
-was lost fail with `ConnectionLost`; they are not retried.
+**Reconnection** is on by default (`connect(reconnect=True)`, SPEC §8); `connect`'s docstring
+says what it does, and `convergedb.client.reconnect` holds its policy. A writer that must not
+lose its state re-asserts it from `on_reconnect` (its entities themselves survive: the source is
+reclaimed within its liveness deadline), or waits with `await client.wait_connected()`.
 """
 
 from __future__ import annotations
@@ -68,7 +63,7 @@ from ..schema.evolution import check_prefix
 from .batch import Batch
 from .connection import Connection, ErrorCallback, open_connection
 from .dynamic import DynamicKindHandle
-from .errors import ConnectionLost, ConvergeError, ServerError
+from .errors import ConnectionLost, ConvergeError, ServerError, WriteRejected, WritesLost
 from .handle import KindHandle
 from .reconnect import ReconnectPolicy, is_permanent_refusal, should_reconnect
 from .subscription import _StreamSubscription
@@ -143,13 +138,31 @@ async def open_client_connection(
 class Client:
     """A connection to a ConvergeDB server, as a writer (one source) or read-only.
 
-    Make one with `connect()`. Every method but `close` first raises a pending `WriteRejected`
-    (a write the server dropped since the last call), then `ConnectionLost` if the client is not
-    connected (closed, or lost and not re-established yet). So do the methods of its kind handles
-    and batches.
+    Make one with `connect()` rather than directly. A client gives kind handles
+    (`register_kind`, `resolve_kind`, `kind`) that write and read entities, sends many writes
+    at once (`batch`), waits until its writes are durable (`sync`), replaces its source's whole
+    snapshot (`epoch`), and closes (`close`, or the end of `async with connect(...)`).
+
+    Every method but `close` first raises a pending `WriteRejected` (a write the server dropped
+    since the last call), then `ConnectionLost` if the client is not connected (closed, or lost
+    and not re-established yet). So do the methods of its kind handles and batches.
+
+    Example:
+        ```python
+        async with cdb.connect(name="game-server-1") as client:
+            print(client.source_id, client.server_version)  # e.g. 0 0.1.0
+            players = await client.register_kind(Player)
+        ```
     """
 
     def __init__(self, connection: Connection, connected: Connected, settings: ClientSettings):
+        """Wrap a connection whose CONNECT handshake succeeded (`connect()` does it).
+
+        Args:
+            connection: The protocol connection, just answered with CONNECTED.
+            connected: The server's CONNECTED reply: the source, deadline, window and limits.
+            settings: What `connect()` was given, kept to reconnect.
+        """
         self._settings = settings
         self._connection = connection
         self.name = settings.connect.name
@@ -168,8 +181,10 @@ class Client:
         self.server_version = connected.server_version
         """The server's version string."""
         self.heartbeat_interval_ms = settings.connect.heartbeat_interval_ms
-        """How often this client sends a HEARTBEAT: as asked, or half the deadline in force
-        when the server capped the deadline to or below the interval asked for."""
+        """The heartbeat interval in force: as asked, or half the deadline in force when the
+        server capped the deadline to or below the interval asked for. The client sends a
+        HEARTBEAT at least this often, and at least every quarter of the deadline (each asks
+        for a PONG: see `Connection.keep_alive`)."""
         self.reconnects = 0
         """How many times the connection was re-established."""
         self._closing = False
@@ -180,7 +195,13 @@ class Client:
         self._handles: weakref.WeakSet[KindHandle[Any]] = weakref.WeakSet()
         self._subscriptions: set[_StreamSubscription[Any]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._install(connection, connected)
+        self._lost_writes = 0
+        """Writes sent on lost connections that no SYNC covered, not yet reported."""
+        self._lost_writes_cause: ConnectionLost | None = None
+        self._lost_noted: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self._carried_rejections: list[WriteRejected] = []
+        """Rejections a lost connection received and no call raised yet."""
+        self._install(connection, connected, self._start_keep_alive(connection, connected))
 
     def __repr__(self) -> str:
         who = "read-only" if self.source_id is None else f"source {self.source_id}"
@@ -220,10 +241,24 @@ class Client:
         return self._connection
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        """Return once the client is connected (at once if it is), e.g. while it reconnects.
+        """Return once the client is connected: at once if it is, or when it has reconnected.
 
-        Raises `ConnectionLost` if the client is closed or gave up reconnecting, and
-        `TimeoutError` after `timeout` seconds.
+        Args:
+            timeout: Seconds to wait at most; None waits as long as reconnection goes on.
+
+        Raises:
+            ConnectionLost: The client is closed, or it gave up reconnecting (reconnection is
+                off, or the server refused it for good).
+            TimeoutError: `timeout` seconds passed first.
+
+        Example:
+            ```python
+            try:
+                await players.assert_(pid, player)
+            except cdb.ConnectionLost:
+                await client.wait_connected(timeout=30)
+                await players.assert_(pid, player)
+            ```
         """
         async with asyncio.timeout(timeout):
             while not self.connected:
@@ -235,12 +270,34 @@ class Client:
     # --- kinds --------------------------------------------------------------------------------
 
     async def register_kind(self, cls: type[T]) -> KindHandle[T]:
-        """Register the kind declared by `cls` (a `@convergedb.kind` class) and return its handle.
+        """Register the kind declared by `cls` and return its handle.
 
         Safe to call on every start-up: registering the same schema again returns the existing
-        kind; a declaration that appends fields migrates the kind. A change to existing fields
-        raises `SchemaConflictError`. Needs a writer connection (`ReadOnlyError` otherwise).
-        After a reconnection the client registers it again and refreshes the handle.
+        kind, and a declaration that appends fields (at new ordinals) migrates it. After a
+        reconnection the client registers the kind again and refreshes the handle.
+
+        Args:
+            cls: A class decorated with `@convergedb.kind`.
+
+        Returns:
+            A writable `KindHandle` whose values are instances of `cls`.
+
+        Raises:
+            TypeError: `cls` is not a `@convergedb.kind` class.
+            SchemaConflictError: The declaration changes, removes or reorders fields the kind
+                already has on the server.
+            InvalidSchemaError: The server refuses the definition (a limit, a reserved name).
+            ReadOnlyError: The client is read-only.
+            WriteRejected: A write sent earlier was rejected (raised once, before anything is
+                sent; see `Client`).
+            ConnectionLost: The client is not connected, or the connection was lost before
+                the reply.
+
+        Example:
+            ```python
+            players = await client.register_kind(Player)
+            await players.assert_("player:ana", Player(name="ana"))
+            ```
         """
         model = kind_model(cls)
         info = await self._request(CreateKind(model.definition), KindInfo)
@@ -249,10 +306,34 @@ class Client:
     async def resolve_kind(self, cls: type[T]) -> KindHandle[T]:
         """The handle of a kind that already exists on the server, without registering it.
 
-        The declaration may be an older schema (a prefix of the server's): the handle then reads
-        the entities without the newer fields, and cannot write (writes raise
-        `ReadOnlyHandle`). Raises `UnknownKind` if the kind does not exist and
-        `SchemaConflictError` if the declaration is not a prefix of the server's schema.
+        What a reader uses. The declaration may be an older schema (a prefix of the server's
+        fields): the handle then reads the entities without the newer fields, and cannot write
+        (its writes raise `ReadOnlyHandle`). After a reconnection the client resolves the kind
+        again and refreshes the handle.
+
+        Args:
+            cls: A class decorated with `@convergedb.kind`, the same schema as the server's or
+                an older one.
+
+        Returns:
+            A `KindHandle` whose values are instances of `cls` (writable only when `cls`
+            declares every field of the server's schema).
+
+        Raises:
+            TypeError: `cls` is not a `@convergedb.kind` class.
+            UnknownKind: No kind of that name exists on the server.
+            SchemaConflictError: The declaration is not a prefix of the server's schema.
+            WriteRejected: A write sent earlier was rejected (raised once, before anything is
+                sent; see `Client`).
+            ConnectionLost: The client is not connected, or the connection was lost before
+                the reply.
+
+        Example:
+            ```python
+            async with cdb.connect(read_only=True) as reader:
+                players = await reader.resolve_kind(Player)
+                print((await players.query("player:ana")).value)
+            ```
         """
         model = kind_model(cls)
         info = await self._request(GetKind(model.name, model.definition), KindInfo)
@@ -263,8 +344,28 @@ class Client:
 
         Its values are dicts by field name (structs as dicts, arrays as lists): queries,
         subscriptions, events and mirrors decode to them, and a writer client writes from them
-        (a field missing from the dict is its zero value). See `convergedb.client.dynamic`.
-        Raises `UnknownKind` if the kind does not exist.
+        (a field missing from the dict is its zero value). See `DynamicKindHandle`.
+
+        Args:
+            name: The kind's name, e.g. `"player"` or the system kind
+                `"convergedb_connections"`.
+
+        Returns:
+            A `DynamicKindHandle` with the server's current schema.
+
+        Raises:
+            UnknownKind: No kind of that name exists on the server.
+            WriteRejected: A write sent earlier was rejected (raised once, before anything is
+                sent; see `Client`).
+            ConnectionLost: The client is not connected, or the connection was lost before
+                the reply.
+
+        Example:
+            ```python
+            players = await client.kind("player")
+            result = await players.query("player:ana")
+            print(result.value)  # {'name': 'ana', 'hp': 75, ...}
+            ```
         """
         info = await self._request(GetKind(name), KindInfo)
         handle = DynamicKindHandle(self, info)
@@ -281,17 +382,49 @@ class Client:
         return handle
 
     async def list_kinds(self) -> list[KindInfo]:
-        """Every kind of the server (system kinds included): id, schema version, definition."""
+        """Every kind of the server, system kinds included.
+
+        Returns:
+            One `KindInfo` per kind: its `kind_id`, `schema_version` and definition (`kind`,
+            with its `name` and `fields`).
+
+        Raises:
+            WriteRejected: A write sent earlier was rejected (raised once, before anything is
+                sent; see `Client`).
+            ConnectionLost: The client is not connected, or the connection was lost before
+                the reply.
+
+        Example:
+            ```python
+            names = [info.kind.name for info in await client.list_kinds()]
+            ```
+        """
         reply = await self._request(ListKinds(), KindList)
         return list(reply.kinds)
 
     # --- writes and barriers ------------------------------------------------------------------
 
     def batch(self) -> Batch:
-        """A new batch: `async with client.batch() as b: b.assert_(handle, id, value) ...`.
+        """A new, empty `Batch`: many writes, of any kinds, sent together in few frames.
 
-        The writes are sent as BATCH frames when the block ends, or at each `await b.flush()`.
-        An exception in the block discards the writes not yet flushed.
+        The writes are sent as BATCH frames when the `async with` block ends, or at each
+        `await b.flush()`. An exception in the block discards the writes not yet flushed.
+
+        Returns:
+            The batch (nothing is sent until it is flushed).
+
+        Raises:
+            WriteRejected: A write sent earlier was rejected (see `Client`).
+            ConnectionLost: The client is not connected.
+
+        Example:
+            ```python
+            async with client.batch() as b:
+                for pid, player in snapshot.items():
+                    b.assert_(players, pid, player)
+                b.retract(matches, old_match_id)
+            # sent here
+            ```
         """
         self.raise_pending_errors()
         return Batch(self)
@@ -299,49 +432,149 @@ class Client:
     async def sync(self) -> int:
         """Wait until every write this client sent before is flushed: durable and visible.
 
-        Returns the seq of the flush that carried them (the last committed seq if there was
-        nothing to flush); seqs increase over the server's whole life.
-
         The server reports a rejected write as soon as it receives it, so before it answers the
-        SYNC: if any write sent before it was rejected, `sync` raises the `WriteRejected` (once)
-        after the barrier. A `sync` that returns means every earlier write was accepted.
+        SYNC: a `sync` that returns means every earlier write was accepted.
+
+        A `sync` that returns also means no write was lost with a connection: if writes sent
+        since the last `sync` went out on a connection that was then lost (the client has
+        reconnected since, or is reconnecting), `sync` raises `WritesLost` instead, once, since
+        a SYNC on the new connection cannot answer for them. Re-assert their state (best in an
+        epoch: an epoch that ends after the loss supersedes the lost writes and clears the
+        error) and `sync` again.
+
+        Returns:
+            The seq of the flush that carried the writes (the last committed seq if there was
+            nothing to flush). Seqs increase over the server's whole life; `Mirror.wait_seq`
+            waits for one.
+
+        Raises:
+            WriteRejected: A write sent before the SYNC was rejected: raised once, after the
+                barrier (every other write is flushed).
+            WritesLost: Writes sent since the last `sync` went out on a connection that was
+                lost, before or during this call: they may never have reached the server.
+                Raised once (a `ConnectionLost`).
+            ConnectionLost: The client is not connected, or the connection was lost before the
+                reply, and no write was pending (otherwise: `WritesLost`).
+
+        Example:
+            ```python
+            await players.patch("player:ana", hp=75)
+            seq = await client.sync()  # a query now sees hp == 75
+            ```
         """
-        reply = await self._request(Sync(), Ok)
         self._raise_rejections()
-        return reply.value
+        connection = self._connection
+        try:
+            if self._closing:
+                self.raise_pending_errors()  # closed by the user: nothing was lost
+            self._raise_lost_writes()
+            connection.check_open()
+            covered = connection.writes_sent
+            reply = await connection.request(Sync())
+        except WritesLost:
+            raise
+        except ConnectionLost as lost:
+            if not self._closing:
+                self._note_lost_writes(connection, lost)
+                self._raise_lost_writes(lost)
+            raise
+        checked = _checked_reply(Sync(), reply, Ok)
+        connection.writes_synced = max(connection.writes_synced, covered)
+        self._raise_rejections()
+        return checked.value
 
     # --- source epochs ------------------------------------------------------------------------
 
     async def epoch_begin(self) -> int:
-        """Begin a source epoch (SPEC §7): the server records every entity this source asserts
-        now (counting writes sent before) as the baseline, and returns its size.
+        """Begin a source epoch: the start of replacing this source's whole snapshot.
 
-        Re-assert the whole new snapshot (ASSERT or PATCH, best in batches), then call
-        `epoch_end()`: it retracts, for this source only, every baseline entity not re-asserted.
-        A second `epoch_begin()` starts afresh; an epoch open when the connection drops is
-        discarded (nothing is retracted because of it).
+        The server records every entity this source asserts now (counting writes sent before)
+        as the baseline. Re-assert the whole new snapshot (ASSERT or PATCH, best in batches),
+        then call `epoch_end()`: it retracts, for this source only, every baseline entity not
+        re-asserted. A second `epoch_begin()` starts afresh; an epoch open when the connection
+        drops is discarded (nothing is retracted because of it). `epoch()` wraps the two calls.
+
+        Returns:
+            The size of the baseline: how many entities this source asserts now.
+
+        Raises:
+            ReadOnlyError: The client is read-only.
+            WriteRejected: A write sent earlier was rejected (raised once, before anything is
+                sent; see `Client`).
+            ConnectionLost: The client is not connected, or the connection was lost before
+                the reply.
         """
         reply = await self._request(EpochBegin(), Ok)
         return reply.value
 
     async def epoch_end(self) -> int:
-        """End the open epoch: retract the baseline entities this source did not re-assert, all
-        in one flush. Returns how many it retracted. `EpochNotOpen` if no epoch is open."""
+        """End the open epoch: retract the baseline entities this source did not re-assert.
+
+        The retractions all land in one flush, with the cause `DeleteCause.EPOCH_END`; other
+        sources' assertions are untouched. The epoch replaced this source's whole state, so
+        it also clears a pending `WritesLost` (writes lost with an earlier connection).
+
+        Returns:
+            How many entities it retracted.
+
+        Raises:
+            EpochNotOpen: No epoch is open (never begun, or discarded with a lost connection).
+            ReadOnlyError: The client is read-only.
+            WriteRejected: A write sent earlier was rejected (raised once, before anything is
+                sent; see `Client`).
+            ConnectionLost: The client is not connected, or the connection was lost before
+                the reply.
+        """
         reply = await self._request(EpochEnd(), Ok)
+        # the epoch re-asserted this source's whole state after any loss: it supersedes every
+        # write a lost connection dropped (an epoch does not survive a lost connection)
+        self._lost_writes = 0
+        self._lost_writes_cause = None
         return reply.value
 
     @contextlib.asynccontextmanager
     async def epoch(self) -> AsyncIterator[Epoch]:
-        """`async with client.epoch() as epoch:` re-assert a snapshot inside the block; the
-        epoch ends when the block ends (`epoch.retracted` then holds the count). If the block
-        raises, the epoch is left open and nothing is retracted: a later `epoch_begin()` starts
-        afresh, and a lost connection discards it."""
+        """A source epoch as a block: re-assert the whole snapshot inside it.
+
+        `epoch_begin()` runs when the block is entered and `epoch_end()` when it ends. The
+        object it yields has `baseline` (the size of the baseline) and, after the block,
+        `retracted` (how many baseline entities were not re-asserted, and so retracted). If the
+        block raises, the epoch is left open and nothing is retracted: a later `epoch_begin()`
+        starts afresh, and a lost connection discards it.
+
+        Raises:
+            ReadOnlyError: The client is read-only.
+            EpochNotOpen: The epoch was discarded during the block (the connection was lost).
+            WriteRejected: A write sent earlier was rejected (raised once, before anything is
+                sent; see `Client`).
+            ConnectionLost: The client is not connected, or the connection was lost before
+                the reply.
+
+        Example:
+            ```python
+            async with client.epoch() as epoch:
+                async with client.batch() as b:
+                    for pid, player in snapshot.items():
+                        b.assert_(players, pid, player)
+            print(epoch.baseline, epoch.retracted)
+            ```
+        """
         state = Epoch(baseline=await self.epoch_begin())
         yield state
         state.retracted = await self.epoch_end()
 
     async def ping(self) -> float:
-        """The round-trip time to the server, in seconds (a HEARTBEAT answered by a PONG)."""
+        """Measure the round-trip time to the server (a HEARTBEAT answered by a PONG).
+
+        Returns:
+            The round-trip time, in seconds.
+
+        Raises:
+            WriteRejected: A write sent earlier was rejected (raised once, before anything is
+                sent; see `Client`).
+            ConnectionLost: The client is not connected, or the connection was lost before
+                the reply.
+        """
         start = time.perf_counter()
         await self._request(Heartbeat(), Pong)
         return time.perf_counter() - start
@@ -355,7 +588,7 @@ class Client:
         flush them: call `sync()` before closing for that. A writer's source then enters its
         liveness grace period: reconnecting with the same `source_id` before the deadline
         keeps its entities. A reconnection under way stops, and the client's subscriptions
-        end (their iteration stops, with no error).
+        end (their iteration stops, with no error). It raises nothing about the connection.
         """
         self._closing = True
         for subscription in list(self._subscriptions):
@@ -386,8 +619,13 @@ class Client:
     # --- internals shared with handles, batches and subscriptions -------------------------------
 
     def raise_pending_errors(self) -> None:
-        """Raise the pending `WriteRejected` if any (once), then `ConnectionLost` if the client
-        is not connected."""
+        """Check the client, as every call does before anything is sent.
+
+        Raises:
+            WriteRejected: A write was rejected since the last check (raised once; the others
+                that arrived meanwhile are in its `more`).
+            ConnectionLost: The client is not connected.
+        """
         self._raise_rejections()
         if self._closing and not self._connection.is_lost:
             raise ConnectionLost("the connection was closed by this client")
@@ -395,8 +633,33 @@ class Client:
 
     def _raise_rejections(self) -> None:
         rejected = self._connection.take_rejections()
+        if self._carried_rejections:
+            carried, self._carried_rejections = self._carried_rejections, []
+            if rejected is not None:
+                carried += [rejected, *rejected.more]
+            first, *more = carried
+            rejected = first.with_more(tuple(more))
         if rejected is not None:
             raise rejected
+
+    def _note_lost_writes(self, connection: Connection, lost: ConnectionLost) -> None:
+        """Count the writes a lost connection carried that no SYNC covered (once per
+        connection): the next `sync` raises `WritesLost` for them."""
+        if not connection.is_lost or connection in self._lost_noted:
+            return
+        self._lost_noted.add(connection)
+        if connection.unsynced_writes > 0:
+            self._lost_writes += connection.unsynced_writes
+            self._lost_writes_cause = lost
+
+    def _raise_lost_writes(self, lost: ConnectionLost | None = None) -> None:
+        """Raise `WritesLost` (once) if writes were lost with a connection since last told."""
+        if self._lost_writes:
+            cause = self._lost_writes_cause or lost
+            error = WritesLost(self._lost_writes, cause)
+            self._lost_writes = 0
+            self._lost_writes_cause = None
+            raise error from cause
 
     async def _request(self, message: Message, reply_type: type[M]) -> M:
         """Send a request and return its reply, checked to be of the expected type."""
@@ -433,8 +696,25 @@ class Client:
 
     # --- the connection's life ------------------------------------------------------------------
 
-    def _install(self, connection: Connection, connected: Connected) -> None:
-        """Make `connection` (just CONNECTED) the client's, and start its heartbeats."""
+    def _start_keep_alive(self, connection: Connection, connected: Connected) -> asyncio.Task[None]:
+        """Start the heartbeats of a connection just CONNECTED (before it is restored, so that
+        a dead link fails the restoring requests too)."""
+        heartbeat_ms = _effective_heartbeat(
+            self._settings.connect.heartbeat_interval_ms, connected.liveness_deadline_ms
+        )
+        return asyncio.get_running_loop().create_task(
+            connection.keep_alive(heartbeat_ms / 1000, connected.liveness_deadline_ms / 2000),
+            name="convergedb-heartbeat",
+        )
+
+    def _install(
+        self, connection: Connection, connected: Connected, keep_alive: asyncio.Task[None]
+    ) -> None:
+        """Make `connection` (just CONNECTED, its heartbeats started) the client's."""
+        if connection is not self._connection:
+            previous = self._connection.take_rejections()
+            if previous is not None:
+                self._carried_rejections += [previous, *previous.more]
         self._connection = connection
         self.liveness_deadline_ms = connected.liveness_deadline_ms
         self.window_ms = connected.window_ms
@@ -445,10 +725,7 @@ class Client:
         )
         connection.max_payload = connected.max_payload
         connection.on_lost = lambda lost: self._connection_lost(connection, lost)
-        self._heartbeat = asyncio.get_running_loop().create_task(
-            _send_heartbeats(connection, self.heartbeat_interval_ms / 1000),
-            name="convergedb-heartbeat",
-        )
+        self._heartbeat = keep_alive
         self._settled.set()
         if connection.is_lost:  # lost between CONNECTED and here: on_lost was not set yet
             self._connection_lost(connection, connection.lost_error())
@@ -461,6 +738,7 @@ class Client:
             self._heartbeat.cancel()
         if self._closing or self.reconnecting:
             return
+        self._note_lost_writes(connection, lost)
         if self._settings.reconnect.enabled and should_reconnect(lost):
             _log.warning("connection to %s lost (%s); reconnecting", self._settings.address, lost)
             self._settled.clear()
@@ -493,12 +771,15 @@ class Client:
                     "reconnection attempt %d to %s failed: %s", attempt, self._settings.address, exc
                 )
                 continue
+            keep_alive = self._start_keep_alive(connection, connected)
             try:
                 await self._restore(connection)
             except (ConnectionLost, OSError):
+                keep_alive.cancel()
                 await connection.close()
                 continue  # lost again while restoring: try again
             except Exception as exc:
+                keep_alive.cancel()
                 await connection.close()
                 _log.exception("restoring the client after reconnecting failed")
                 self._reconnect_task = None
@@ -507,12 +788,14 @@ class Client:
                 )
                 return
             except BaseException:
+                keep_alive.cancel()
                 await connection.close()
                 raise
             if connection.is_lost:
+                keep_alive.cancel()
                 continue
             self._reconnect_task = None
-            self._install(connection, connected)
+            self._install(connection, connected, keep_alive)
             self.reconnects += 1
             _log.info("reconnected to %s after %d attempts", self._settings.address, attempt)
             await self._call_on_reconnect()
@@ -599,23 +882,20 @@ def _checked_reply(message: Message, reply: Message, reply_type: type[M]) -> M:
     return reply
 
 
-async def _send_heartbeats(connection: Connection, interval: float) -> None:
-    """Send a HEARTBEAT every `interval` seconds until the connection is lost."""
-    while not connection.is_lost:
-        await asyncio.sleep(interval)
-        try:
-            connection.send_nowait(Heartbeat())
-        except ConnectionLost:
-            return
-
-
 class Connector:
     """What `connect()` returns: await it for a `Client`, or use it as `async with`.
 
-    `async with connect(...) as client:` closes the client when the block ends.
+    `async with connect(...) as client:` closes the client when the block ends;
+    `client = await connect(...)` leaves closing to you (`await client.close()`). Nothing is
+    sent before either: `connect()` itself only checks its arguments.
     """
 
     def __init__(self, settings: ClientSettings) -> None:
+        """Keep the settings to connect with (`connect()` makes them).
+
+        Args:
+            settings: The address, the CONNECT message and the reconnection settings.
+        """
         self._settings = settings
         self._client: Client | None = None
 
@@ -659,39 +939,90 @@ def connect(
     reconnect_max_delay: float = DEFAULT_RECONNECT_CAP_S,
     on_reconnect: ReconnectCallback | None = None,
 ) -> Connector:
-    """Connect to a ConvergeDB server: `client = await connect(...)` or
-    `async with connect(...) as client: ...`.
+    """Connect to a ConvergeDB server, as a writer (one source) or read-only.
 
-    - `source_id`: the source to write as (0..63). None (the default) has the server allocate
-      the lowest free one; the client's `source_id` says which.
-    - `takeover`: claim `source_id` even while another live connection holds it (that one is
-      closed with TAKEN_OVER). For a writer that restarted before the server noticed that its
-      old connection died.
-    - `read_only`: no source; the client can read but not write.
-    - `name`: shown in the `convergedb_connections` system kind. `token`: the authentication
-      token, when the server requires one.
-    - `liveness_deadline_ms`: how long the server waits after this connection is lost (or
-      silent) before retracting everything the source asserts; the server may cap it.
-      `heartbeat_interval_ms` must be below it.
-    - `on_error`: called with each asynchronous error, e.g. a `WriteRejected`, as it arrives.
-      (It is also raised by the next call made on the client.)
-    - `connect_timeout`: seconds for the TCP connection and the CONNECT handshake together
-      (each reconnection attempt too).
-    - `reconnect` (default True): re-establish a lost connection, with backoff from
-      `reconnect_delay` seconds (0.1), doubling up to `reconnect_max_delay` (10). The client
-      reclaims its source with takeover and re-subscribes (see `convergedb.client.reconnect`).
-      A connection closed with TAKEN_OVER is never re-established. With False, a lost
-      connection ends the client like `close()` would, but for the error.
-    - `on_reconnect`: called with the client after each reconnection, once kinds and
-      subscriptions are restored (a coroutine function is awaited): the place to re-assert
-      state written while disconnected (writes raise `ConnectionLost` then).
+    Use it as `async with connect(...) as client:` (the client is closed when the block ends)
+    or `client = await connect(...)` (then `await client.close()`). The arguments are checked
+    at once; the connection is made when the result is awaited or entered.
 
-    Only the first connection attempt raises; reconnection failures are retried, and reported
-    by the subscriptions (`ConnectionLost`) when the client gives up.
+    **Reconnection.** With `reconnect=True` (the default) a lost connection is re-established
+    with exponential backoff (`reconnect_delay`, doubling, capped at `reconnect_max_delay`)
+    until it succeeds, the server refuses it for good (e.g. a token no longer valid) or the
+    client is closed. The client reclaims the same source with takeover (so the server hands
+    it over with nothing retracted, if within the liveness deadline; a read-only client
+    reconnects read-only), registers or resolves its kinds again (refreshing the handles),
+    re-establishes each subscription according to its `ReconnectMode`, then calls
+    `on_reconnect`. While it is disconnected every call, writes included, raises
+    `ConnectionLost` at once: writes are fire-and-forget, and holding them back would only
+    hide the outage. Calls that were waiting for a reply fail with `ConnectionLost` and are
+    not retried. A connection closed with TAKEN_OVER is never re-established (another
+    process owns the source now). Only the first connection raises: reconnection failures
+    are retried, and reported to the subscriptions (`ConnectionLost`) and to
+    `Client.wait_connected` if the client gives up. Writes sent on the lost connection since
+    the last `Client.sync` are not sent again: the next `sync()` raises `WritesLost` (once)
+    instead of vouching for them; re-assert them, best in an epoch (an epoch that ends
+    after the loss clears it).
 
-    Raises `ValueError` at once for inconsistent arguments; `SourceConflict`, `NoFreeSource`,
-    `AuthFailed`, `Forbidden`, ... when the server refuses; `TimeoutError` or `OSError` when it
-    cannot be reached.
+    **Dead links.** Each heartbeat asks the server for a PONG. When nothing at all has come
+    from the server for half the liveness deadline (while the client was reading), the
+    connection is taken for dead and re-established like a lost one, so that a link the
+    network dropped on the server's side only is noticed before the server retracts the
+    source, and no call waits on it for ever.
+
+    Args:
+        host: The server's address.
+        port: The server's client port.
+        source_id: The source to write as (0..63). None (the default) has the server allocate
+            the lowest free one; the client's `Client.source_id` says which.
+        takeover: Claim `source_id` even while another live connection holds it (that one is
+            closed with TAKEN_OVER): for a writer that restarted before the server noticed
+            that its old connection died.
+        read_only: Connect with no source: the client can read but not write.
+        name: A name for this client, shown in the `convergedb_connections` system kind.
+        token: The authentication token, when the server requires one.
+        liveness_deadline_ms: How long the server waits after this connection is lost (or
+            silent) before retracting everything the source asserts; the server may cap it.
+        heartbeat_interval_ms: How often the client sends a HEARTBEAT; must be below
+            `liveness_deadline_ms`. The client also sends one at least every quarter of the
+            deadline in force, to hear from the server often enough (see "Dead links").
+        on_error: Called with each asynchronous error as it arrives, e.g. a `WriteRejected`
+            (which the next call made on the client also raises), or an error of a
+            reconnection.
+        connect_timeout: Seconds for the TCP connection and the CONNECT handshake together
+            (each reconnection attempt too).
+        reconnect: Whether to re-establish a lost connection (see above). With False, a lost
+            connection ends the client like `Client.close` would, but for the error.
+        reconnect_delay: Seconds before the first reconnection attempt.
+        reconnect_max_delay: The longest wait between two attempts.
+        on_reconnect: Called with the client after each reconnection, once kinds and
+            subscriptions are restored (a coroutine function is awaited): the place to
+            re-assert state written while disconnected.
+
+    Returns:
+        A `Connector`: await it for the `Client`, or enter it with `async with`.
+
+    Raises:
+        ValueError: At once, for inconsistent arguments (e.g. `takeover` without
+            `source_id`, a heartbeat interval not below the deadline, a name too long). The
+            other errors are raised when the result is awaited or entered.
+        SourceConflict: The source is held by another live connection.
+        NoFreeSource: No source is free to allocate.
+        AuthFailed: The token is missing or unknown.
+        Forbidden: The token does not allow this mode or source.
+        TimeoutError: The server did not answer within `connect_timeout`.
+        OSError: The server cannot be reached.
+
+    Example:
+        ```python
+        async with cdb.connect("127.0.0.1", 3727, name="game-server-1") as client:
+            players = await client.register_kind(Player)
+
+        reader = await cdb.connect(read_only=True, token="r1")
+        try:
+            ...
+        finally:
+            await reader.close()
+        ```
     """
     message = Connect(
         _connect_mode(source_id, takeover, read_only),

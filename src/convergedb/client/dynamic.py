@@ -9,19 +9,8 @@ Tools, and programs that have no Python class for a kind, ask the client for the
         async with players.subscribe() as changes:
             async for item in changes: ...             # Change.value is a dict too
 
-Values are dicts by field name: a struct is a dict by sub-field name, an array a list (of dicts
-for an array of structs), strings `str`, bytes `bytes`, numbers `int` / `float`, booleans
-`bool`. A writer client can write such dicts too (`assert_`, `patch`, batches): a field (or a
-struct's sub-field) missing from the dict is written as its zero value (0, 0.0, False, "", b"",
-an empty list), and a name the schema does not have is `InvalidData`. A patch replaces a
-struct field whole, so its missing sub-fields are zero as well.
-
-A dynamic handle always has the server's latest schema: after a reconnection it takes the
-kind's current definition (a schema that grew meanwhile adds its fields to the dicts). A
-handle made before another writer appended fields while this client stayed connected still
-has the older schema: ask `client.kind(name)` again to see the new fields.
-
-Writes through a read-only client raise `ReadOnlyError` before anything is sent.
+The values and the writes are described in the docstring of `DynamicKindHandle`, which is what
+the API reference shows.
 """
 
 from __future__ import annotations
@@ -56,12 +45,17 @@ class DynamicField:
 
 class DynamicModel:
     """What a `KindHandle` needs of a model, built from a kind definition rather than a class:
-    values are `Record`s (dicts by field name; see the module documentation)."""
+    values are dicts by field name (see `DynamicKindHandle`)."""
 
     cls = dict
     """The type of the values (what error messages name)."""
 
     def __init__(self, definition: KindDef) -> None:
+        """Build the model of a kind definition.
+
+        Args:
+            definition: The kind's definition, as the server has it.
+        """
         self.name = definition.name
         """The kind's name."""
         self.definition = definition
@@ -78,15 +72,34 @@ class DynamicModel:
         return f"DynamicModel({self.name!r}, fields={list(self.names)})"
 
     def from_values(self, values: Sequence[Any]) -> Record:
-        """A record from positional wire values (`RowCodec.decode`); values beyond the
-        definition's fields are ignored."""
+        """Make a record (a dict by field name) from positional wire values.
+
+        Args:
+            values: The wire values, by ordinal (as a row codec decodes them); values beyond
+                the definition's fields are ignored.
+
+        Returns:
+            The record: structs as dicts by sub-field name, arrays as lists.
+        """
         return {
             f.name: _named_value(f, value)
             for f, value in zip(self.definition.fields, values, strict=False)
         }
 
     def to_values(self, record: Mapping[str, Any]) -> list[Any]:
-        """Positional wire values from a record; a missing field is its zero value."""
+        """Turn a record into positional wire values; a missing field is its zero value.
+
+        Args:
+            record: Field names to values.
+
+        Returns:
+            The wire values, by ordinal.
+
+        Raises:
+            TypeError: `record` is not a mapping.
+            InvalidData: A name is not a field (or sub-field) of the kind, or a struct or
+                array value has the wrong shape.
+        """
         if not isinstance(record, Mapping):
             raise TypeError(
                 f"a value of kind {self.name!r} is a dict by field name, "
@@ -99,11 +112,32 @@ class DynamicModel:
         ]
 
     def encode(self, record: Mapping[str, Any]) -> bytes:
-        """The canonical row of a record; raises `InvalidData` if a value does not fit."""
+        """Encode a record as the kind's canonical row.
+
+        Args:
+            record: Field names to values; missing fields are zero.
+
+        Returns:
+            The row bytes.
+
+        Raises:
+            TypeError: `record` is not a mapping.
+            InvalidData: A name is not a field of the kind, or a value does not fit.
+        """
         return self.codec.encode(self.to_values(record))
 
     def patch(self, changes: Mapping[str, Any]) -> tuple[int, bytes]:
-        """The (mask, values) of a patch setting the named fields."""
+        """Encode a patch setting the named fields.
+
+        Args:
+            changes: Field names to new values (a struct field is replaced whole).
+
+        Returns:
+            The patch's field mask and its values.
+
+        Raises:
+            InvalidData: No field is given, a name is not a field, or a value does not fit.
+        """
         self._check_names(changes)
         if not changes:
             raise InvalidData("a patch must set at least one field")
@@ -123,10 +157,40 @@ class DynamicModel:
 
 
 class DynamicKindHandle(KindHandle[Record]):
-    """A `KindHandle` whose values are dicts by field name, made by `client.kind(name)` from
-    the server's own schema (see the module documentation)."""
+    """A `KindHandle` whose values are dicts by field name, built from the server's own schema.
+
+    Made by `Client.kind`, for tools and for programs that have no Python class for a kind.
+    Values are dicts by field name: a struct is a dict by sub-field name, an array a list (of
+    dicts for an array of structs), strings `str`, bytes `bytes`, numbers `int` or `float`,
+    booleans `bool`. Queries, subscriptions, events and mirrors decode to such dicts.
+
+    A writer client can write dicts too (`assert_`, `patch`, batches): a field (or a struct's
+    sub-field) missing from the dict is written as its zero value (0, 0.0, False, "", b"", an
+    empty list), and a name the schema does not have is `convergedb.InvalidData`. A patch
+    replaces a struct field whole, so its missing sub-fields are zero as well. Writes through
+    a read-only client raise `ReadOnlyError` before anything is sent.
+
+    A dynamic handle always has the server's latest schema: after a reconnection it takes the
+    kind's current definition (a schema that grew meanwhile adds its fields to the dicts). A
+    handle made before another writer appended fields while this client stayed connected still
+    has the older schema: ask `Client.kind` again to see the new fields.
+
+    Example:
+        ```python
+        async with cdb.connect(read_only=True) as client:
+            players = await client.kind("player")
+            result = await players.query("player:ana")
+            print(result.value)  # {'name': 'ana', 'hp': 75, 'pos': {'x': 1.0, ...}, ...}
+        ```
+    """
 
     def __init__(self, client: Client, info: KindInfo) -> None:
+        """Make the handle from the server's answer about the kind (`Client.kind` does it).
+
+        Args:
+            client: The client to write and read through.
+            info: The server's KIND_INFO for the kind.
+        """
         super().__init__(
             client,
             DynamicModel(info.kind),
@@ -143,7 +207,18 @@ class DynamicKindHandle(KindHandle[Record]):
         self.writable = self.writable and not self.client.read_only
 
     def decode_patch(self, mask: int, values: bytes) -> Record:
-        """The fields a PATCH sets (its mask and values, as an event carries them), by name."""
+        """Decode the fields a PATCH sets (its mask and values, as an event carries them).
+
+        Args:
+            mask: The PATCH's field mask: bit N set for the field of ordinal N.
+            values: The PATCH's values, in ordinal order.
+
+        Returns:
+            Field name to value (structs as dicts).
+
+        Raises:
+            InvalidData: The mask or the values do not fit the schema.
+        """
         codec = self._codec
         record = self.model.from_values(
             codec.decode(apply_patch(codec, codec.zero_row, mask, values))

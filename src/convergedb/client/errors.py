@@ -8,7 +8,8 @@ Every error the SDK raises about the server or the connection is a `ConvergeErro
   dropped. Writes get no reply, so the rejection arrives later, on its own: it goes to the
   client's `on_error` callback at once and is raised by the next call made on the client.
 - `ConnectionLost` fails every call that was waiting for a reply, and every later call, once the
-  connection is gone.
+  connection is gone. Its subclass `WritesLost` is raised by `Client.sync` when writes sent
+  since the last sync went out on a connection that was then lost.
 
 Values that do not fit a kind's schema are refused before anything is sent, with
 `convergedb.InvalidData` (a `ValueError`) rather than a `ConvergeError`.
@@ -26,16 +27,37 @@ from ..schema.errors import InvalidData, InvalidSchema, SchemaConflict
 class ConvergeError(Exception):
     """Base class of the SDK's errors about the server and the connection.
 
-    `code` is the protocol error code (an `ErrorCode`, a plain int for a code this SDK does not
-    know, or None for errors no ERROR frame carried); `op` the opcode of the operation that failed
-    (0 if none); `message` the text without the hint the subclasses add.
+    Catch it to handle every such error; its subclasses name the situation: `ServerError` (and
+    its subclasses) for an ERROR the server answered with, `WriteRejected` for a write the
+    server dropped, `ConnectionLost` for a connection that is gone.
+
+    Example:
+        ```python
+        try:
+            await client.sync()
+        except cdb.WriteRejected as rejected:
+            print("dropped:", rejected.reason, "and", len(rejected.more), "more")
+        except cdb.ConvergeError as error:
+            print(error.code, error)
+        ```
     """
 
     def __init__(self, message: str, *, code: ErrorCode | int | None = None, op: int = 0) -> None:
+        """Make an error (the SDK does it).
+
+        Args:
+            message: What happened.
+            code: The protocol error code, if an ERROR frame carried one.
+            op: The opcode of the operation that failed (0 if none).
+        """
         super().__init__(message)
         self.code = code
+        """The protocol error code: an `ErrorCode`, a plain int for a code this SDK does not
+        know, or None for errors no ERROR frame carried."""
         self.op = op
+        """The opcode of the operation that failed (0 if none)."""
         self.message = message
+        """The text, without the hint the subclasses add to `str()`."""
 
 
 class ServerError(ConvergeError):
@@ -48,8 +70,16 @@ class ServerError(ConvergeError):
     """What the user can do about this error (appended to the message)."""
 
     def __init__(self, code: ErrorCode | int, op: int, message: str) -> None:
+        """Make the error of an ERROR frame (`error_from_frame` picks the subclass).
+
+        Args:
+            code: The frame's error code.
+            op: The opcode of the request it answers (0 if none).
+            message: The server's message.
+        """
         super().__init__(message, code=code, op=op)
         self.args = (self._describe(),)
+        """What `str()` shows: the message, the code, the operation, and the hint."""
 
     def _describe(self) -> str:
         code = self.code
@@ -211,8 +241,17 @@ class WriteRejected(ServerError):
     """
 
     def __init__(self, code: ErrorCode | int, op: int, message: str) -> None:
+        """Make the rejection of a write from the server's ERROR frame (the connection does it).
+
+        Args:
+            code: The frame's error code.
+            op: The opcode of the rejected write.
+            message: The server's message.
+        """
         self.reason: ServerError = error_from_frame(code, op, message)
+        """The typed error of the code, e.g. `InvalidDataError` (also the `__cause__`)."""
         self.more: tuple[WriteRejected, ...] = ()
+        """The rejections that arrived after this one and before it was raised, oldest first."""
         super().__init__(code, op, message)
         self.__cause__ = self.reason
 
@@ -220,7 +259,14 @@ class WriteRejected(ServerError):
         return f"the server rejected a write: {self.reason}"
 
     def with_more(self, more: tuple[WriteRejected, ...]) -> WriteRejected:
-        """Attach the rejections that arrived after this one; they are counted in the message."""
+        """Attach the rejections that arrived after this one; they are counted in the message.
+
+        Args:
+            more: The later rejections, oldest first.
+
+        Returns:
+            This error.
+        """
         self.more = more
         if more:
             self.args = (f"{self._describe()} (and {len(more)} more rejected writes: see .more)",)
@@ -236,10 +282,74 @@ class ConnectionLost(ConvergeError):
     """
 
     def __init__(self, message: str, reason: BaseException | None = None) -> None:
+        """Make the error (the SDK does it).
+
+        Args:
+            message: How the connection was lost.
+            reason: Why, when known: the server's error, or the network error.
+        """
         code = reason.code if isinstance(reason, ConvergeError) else None
         super().__init__(message if reason is None else f"{message}: {reason}", code=code)
         self.reason = reason
+        """Why the connection was lost, when known: the error the server sent before closing
+        (e.g. a `TakenOver`), or the network error. Also the exception's `__cause__`."""
         self.__cause__ = reason
+
+
+class WritesLost(ConnectionLost):
+    """`Client.sync` cannot vouch for every write: some went out on a connection that was lost.
+
+    Writes are fire-and-forget. Those sent since the last `sync()` that returned, on a
+    connection that was then lost, may never have reached the server (they were in the
+    network, or in a buffer, when it broke), and the client does not send them again: a
+    stale write replayed later could undo another source's newer one, and after a long
+    outage the whole state is better re-asserted than replayed. So the next `sync()` raises
+    this error instead of answering for the new connection alone, once; the `sync()` after it
+    is a plain barrier again. A `sync()` that was waiting when the connection was lost raises
+    it too (with that connection's writes).
+
+    What to do: re-assert the state those writes carried and `sync()` again. The robust way
+    is an epoch (`async with client.epoch(): ...` re-asserting the whole snapshot), which
+    also sweeps entities whose RETRACT was lost; an epoch that ends successfully after the
+    loss supersedes the lost writes, so it also clears this error. It is a `ConnectionLost`,
+    so code that already handles that keeps working; `reason` is why the connection was
+    lost, when known.
+
+    Example:
+        ```python
+        try:
+            await client.sync()
+        except cdb.WritesLost:
+            async with client.epoch(), client.batch() as b:
+                for pid, player in snapshot.items():
+                    b.assert_(players, pid, player)
+            await client.sync()
+        ```
+    """
+
+    def __init__(self, count: int, lost: ConnectionLost | None) -> None:
+        """Make the error (the client does it).
+
+        Args:
+            count: How many writes (frames: a BATCH counts once) were sent on lost
+                connections since the last SYNC that covered them.
+            lost: How the connection that carried them was lost (the last one, if several).
+        """
+        how = lost.message if lost is not None else "the connection was lost"
+        super().__init__(
+            f"{count} write{'s' if count != 1 else ''} sent since the last sync() went out on a "
+            f"connection that was lost ({how}) and may never have reached the server; sync() "
+            "cannot vouch for them. Re-assert that state (best in an epoch: async with "
+            "client.epoch(): ...) and sync() again",
+        )
+        if lost is not None:
+            self.code = lost.code
+            self.reason = lost.reason
+            self.__cause__ = lost
+        self.count = count
+        """How many write frames may have been lost (a BATCH counts once)."""
+        self.lost = lost
+        """The `ConnectionLost` of the connection that carried them."""
 
 
 class PayloadTooLarge(ConvergeError, ValueError):
@@ -249,6 +359,13 @@ class PayloadTooLarge(ConvergeError, ValueError):
     """
 
     def __init__(self, size: int, max_payload: int, what: str) -> None:
+        """Make the error (the SDK does it).
+
+        Args:
+            size: The payload's size, in bytes.
+            max_payload: The server's maximum payload, in bytes.
+            what: The frame, for the message.
+        """
         super().__init__(
             f"{what} is {size} bytes, above the server's maximum payload of {max_payload} bytes",
             code=ErrorCode.PAYLOAD_TOO_LARGE,
@@ -289,7 +406,11 @@ _CLASSES: dict[ErrorCode, type[ServerError]] = {
 
 
 def error_class(code: ErrorCode | int) -> type[ServerError]:
-    """The exception class of an error code (`ServerError` itself for a code not known here)."""
+    """The exception class of an error code (`ServerError` itself for a code not known here).
+
+    Args:
+        code: A protocol error code.
+    """
     try:
         return _CLASSES[ErrorCode(code)]
     except ValueError:
@@ -297,10 +418,23 @@ def error_class(code: ErrorCode | int) -> type[ServerError]:
 
 
 def error_from_frame(code: ErrorCode | int, op: int, message: str) -> ServerError:
-    """The typed exception of an ERROR frame's code, operation and message."""
+    """Make the typed exception of an ERROR frame, e.g. `UnknownKind` for UNKNOWN_KIND.
+
+    Args:
+        code: The frame's error code (`ServerError` itself for a code this SDK does not know).
+        op: The opcode of the request it answers (0 if none).
+        message: The server's message.
+
+    Returns:
+        The exception (not raised).
+    """
     return error_class(code)(code, op, message)
 
 
 def is_write_rejection(op: int) -> bool:
-    """Whether an asynchronous ERROR (stream 0) with this `op` reports a rejected write."""
+    """Whether an asynchronous ERROR (stream 0) with this `op` reports a rejected write.
+
+    Args:
+        op: The ERROR frame's opcode field.
+    """
     return op in WRITE_OPS

@@ -8,13 +8,8 @@ key/value pairs in it, so that writers and subscribers written in any language a
     ...
     decode_metadata(change.meta)  # {"actor": "player:ana", "action": "trade"}
 
-**The format**, in one paragraph for other languages: all integers are little-endian. The bytes are
-a `u16` pair count, then for each pair the key and then the value, each as a `u16` byte length
-followed by that many bytes of UTF-8. Keys are unique within one blob; order is kept as written.
-The whole blob is at most 65,535 bytes (the protocol's metadata limit). An empty blob (no bytes at
-all) is the empty mapping, and it is what `encode_metadata({})` returns, so writes without
-metadata stay without it. Anything else — bytes left over after the last pair, a length that runs
-past the end, invalid UTF-8, a repeated key — is not key/value metadata.
+The format is described in the docstring of `encode_metadata`, which is what the API reference
+shows.
 """
 
 from __future__ import annotations
@@ -35,10 +30,35 @@ class MetadataError(ValueError):
 
 
 def encode_metadata(pairs: Mapping[str, str]) -> bytes:
-    """The metadata bytes of string key/value pairs (see the module's format).
+    """Encode string key/value pairs as the `meta` bytes of a write.
 
-    Raises `MetadataError` when a key or value is not a `str`, or when the result would exceed
-    65,535 bytes.
+    The server never looks inside metadata; this is the SDK's convention for putting string
+    key/value pairs in it, so that writers and subscribers written in any language agree.
+
+    **The format**, for other languages: all integers are little-endian. The bytes are a `u16`
+    pair count, then for each pair the key and then the value, each as a `u16` byte length
+    followed by that many bytes of UTF-8. Keys are unique within one blob; order is kept as
+    written. The whole blob is at most 65,535 bytes (the protocol's metadata limit). An empty
+    blob (no bytes at all) is the empty mapping, and it is what `encode_metadata({})` returns,
+    so writes without metadata stay without it. Anything else (bytes left over after the last
+    pair, a length that runs past the end, invalid UTF-8, a repeated key) is not key/value
+    metadata.
+
+    Args:
+        pairs: Keys to values, all `str`.
+
+    Returns:
+        The metadata bytes (empty for no pairs).
+
+    Raises:
+        MetadataError: A key or value is not a `str`, or the result would exceed 65,535 bytes.
+
+    Example:
+        ```python
+        meta = cdb.encode_metadata({"actor": "player:ana", "action": "trade"})
+        await players.patch(pid, {"gold": 10}, meta=meta)
+        # a subscriber: change.metadata() == {"actor": "player:ana", "action": "trade"}
+        ```
     """
     if not pairs:
         return b""
@@ -57,10 +77,22 @@ def encode_metadata(pairs: Mapping[str, str]) -> bytes:
 
 
 def decode_metadata(meta: bytes | bytearray | memoryview) -> dict[str, str]:
-    """The key/value pairs of metadata bytes built by `encode_metadata` (or the same format).
+    """Decode metadata bytes built by `encode_metadata` (or in the same format).
 
-    Empty bytes give an empty dict. Raises `MetadataError`, naming the problem and its byte
-    offset, for bytes that are not in the format (e.g. metadata some writer set as free text).
+    Args:
+        meta: The metadata bytes, e.g. `Change.meta` or `EventItem.meta`.
+
+    Returns:
+        The key/value pairs, in the order written; empty bytes give an empty dict.
+
+    Raises:
+        MetadataError: The bytes are not in the format (e.g. metadata some writer set as free
+            text); the message names the problem and its byte offset.
+
+    Example:
+        ```python
+        assert cdb.decode_metadata(cdb.encode_metadata({"a": "1"})) == {"a": "1"}
+        ```
     """
     data = bytes(meta)
     if not data:
@@ -86,7 +118,14 @@ def decode_metadata(meta: bytes | bytearray | memoryview) -> dict[str, str]:
 
 
 def is_metadata(meta: bytes | bytearray | memoryview) -> bool:
-    """Whether the bytes are key/value metadata that `decode_metadata` accepts."""
+    """Whether the bytes are key/value metadata that `decode_metadata` accepts.
+
+    Args:
+        meta: The metadata bytes.
+
+    Returns:
+        True when `decode_metadata` would decode them (empty bytes included).
+    """
     try:
         decode_metadata(meta)
     except MetadataError:

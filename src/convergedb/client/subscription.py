@@ -10,36 +10,8 @@
     async for event in players.subscribe_events(from_seq=1):   # every write, before coalescing
         print(event.seq, event.op.name, event.data)
 
-A subscription is an async iterator and an async context manager. It subscribes when the
-`async with` block is entered (or at the first item of a plain `async for`) and unsubscribes when
-the block ends, when `close()` is called, or when a plain `async for` loop is left (the loop's
-generator is closed then; prefer `async with`, which closes at a known point).
-
-**Items.** A state subscription yields `Change` items (Created, Updated, Deleted, and Bootstrap
-for the entities a bootstrap sends), `BootstrapStarted` / `BootstrapComplete` around each
-bootstrap, and `Resubscribed` each time it was re-established after its client reconnected. An
-event subscription yields `EventItem`s. Errors the server reports for the subscription (an
-unknown kind, `EventsTruncated`, ...) are raised by the iterator; so is `ConnectionLost` when the
-connection is gone for good (reconnection off or impossible). After `client.close()` the
-iteration simply ends.
-
-**Backpressure.** Notifications are queued per subscription by the connection's reader, which
-never waits for a consumer. When a subscription's queue reaches `max_queue` items, the client
-stops reading its socket until the consumer has taken half of them. The server then sees a
-backed-up subscriber and merges the notifications it holds for it per entity (SPEC §8), so a slow
-consumer costs the server memory bounded by the number of entities, and costs this client at
-most `max_queue` items plus the socket's buffers. Stopping the socket stops every subscription
-of the client, and the replies to its requests: reading goes on while a reply is awaited (a
-consumer that queries between two items cannot deadlock), but a consumer that takes nothing for
-the server's subscriber timeout (60 s by default) gets its connection closed with
-SLOW_SUBSCRIBER; the client then reconnects and resumes the subscription.
-
-**Reconnection.** When the client reconnects (see `connect(reconnect=...)`), every subscription
-made with `reconnect=True` is re-established according to its `ReconnectMode`; items already
-queued are kept and delivered first. RESUME asks for the changes after the last seq received
-*completely* (the highest seq seen, minus one, so that a flush whose frames were cut by the
-disconnect is sent again whole): the resulting bootstrap may repeat a few entities, which every
-consumer already tolerates (keep the highest version).
+The lifecycle, the items, backpressure and reconnection are described in the docstring of
+`Subscription` (and `EventSubscription`), which is what the API reference shows.
 """
 
 from __future__ import annotations
@@ -52,6 +24,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 
+from .._frozen import frozen_constructor
 from ..ids import EntityId
 from ..protocol.codes import BootstrapMode, DeleteCause, EventCause, SubscribeFlags
 from ..protocol.codes import ChangeType as WireChangeType
@@ -107,44 +80,66 @@ class EventOp(enum.IntEnum):
     """The operation an event records (`EventItem.op`); the values are the write opcodes."""
 
     ASSERT = 0x02
+    """An assert: `EventItem.data` is the whole value written."""
     RETRACT = 0x03
+    """A retract (a client's, or one the server synthesised: see `EventItem.cause`)."""
     PATCH = 0x08
+    """A patch: `EventItem.data` is a dict of the fields it set."""
 
 
 def field_names_of(mask: int, names: tuple[str, ...]) -> tuple[str, ...]:
-    """The names of the fields whose bits are set in `mask` (`#N` for an ordinal not named)."""
+    """The names of the fields whose bits are set in `mask` (`#N` for an ordinal not named).
+
+    Args:
+        mask: A field mask: bit N set for the field of ordinal N.
+        names: The field names, by ordinal.
+    """
     return tuple(names[o] if o < len(names) else f"#{o}" for o in mask_ordinals(mask))
 
 
 @dataclass(frozen=True, slots=True)
 class Change(Generic[T]):
-    """One change of one entity, as a subscription delivers it.
+    """One change of one entity, as a `Subscription` delivers it.
 
-    - `type`: CREATED, UPDATED, DELETED, or BOOTSTRAP (the entity as a bootstrap sends it).
-    - `entity_id`: the 32-byte id (`convergedb.id_to_int` turns an int id back).
-    - `value`: the new state, decoded into the kind's class; None for DELETED.
-    - `version`: the entity's version after the change; keep the highest one you receive.
-    - `source_set`: bit N set when source N asserts the entity (0 for DELETED).
-    - `changed_fields`: a bitmask of the fields that changed, by ordinal (every field for
-      CREATED and BOOTSTRAP); `changed_field_names` gives their names.
-    - `seq`: the server flush that made the change (for BOOTSTRAP: the last one that changed it).
-    - `previous`: the state before an UPDATED (or the last state before a DELETED), when the
-      subscription asked for `include_previous`; else None.
-    - `meta`: the metadata of the write that caused the change (live changes only; see
-      `metadata()` for key/value metadata).
-    - `cause`: why a DELETED happened (retracted, epoch end, liveness expiry); None otherwise.
+    Changes of one entity may arrive more than once, and bootstrap and live changes may
+    interleave: keep, for each entity, the change with the highest `version` (a `Mirror` does
+    it for you).
+
+    Example:
+        ```python
+        if isinstance(item, cdb.Change):
+            if item.deleted:
+                print(item.entity_id.hex(), "deleted:", item.cause.name)
+            else:
+                print(item.type.name, item.version, item.changed_field_names, item.value)
+        ```
     """
 
     type: ChangeType
+    """CREATED, UPDATED, DELETED, or BOOTSTRAP (the entity as a bootstrap sends it)."""
     entity_id: EntityId
+    """The entity's 32-byte id (`convergedb.id_to_int` turns an int id back)."""
     value: T | None
+    """The new state, decoded into the kind's class (a dict for a `DynamicKindHandle`); None
+    for DELETED."""
     version: int
+    """The entity's version after the change; keep the highest one you receive."""
     source_set: int
+    """Bit N set when source N asserts the entity (0 for DELETED); `sources` lists them."""
     changed_fields: int
+    """A bitmask of the fields that changed, by ordinal (every field for CREATED and
+    BOOTSTRAP); `changed_field_names` gives their names."""
     seq: int
+    """The server flush that made the change (for BOOTSTRAP: the last flush that changed the
+    entity). The changes of one flush share one seq."""
     previous: T | None = None
+    """The state before an UPDATED (or the last state before a DELETED) when the subscription
+    asked for `include_previous`; else None."""
     meta: bytes = b""
+    """The metadata of the write that caused the change (live changes only; the last write's
+    when several coalesced). `metadata()` reads key/value metadata."""
     cause: DeleteCause | None = None
+    """Why a DELETED happened: RETRACTED, EPOCH_END or LIVENESS; None for other types."""
     field_names: tuple[str, ...] = field(default=(), repr=False, compare=False)
     """The names of the kind's fields by ordinal (what `changed_field_names` reads)."""
 
@@ -164,24 +159,38 @@ class Change(Generic[T]):
         return [bit for bit in range(64) if self.source_set >> bit & 1]
 
     def metadata(self) -> dict[str, str]:
-        """`meta` read as key/value metadata (`decode_metadata`); raises `MetadataError` if the
-        writer put something else there."""
+        """Read `meta` as key/value metadata (see `encode_metadata`).
+
+        Returns:
+            The key/value pairs; empty when the write had no metadata.
+
+        Raises:
+            MetadataError: The writer put something other than key/value metadata there.
+        """
         return decode_metadata(self.meta)
+
+
+_new_change: Final = frozen_constructor(Change)
+"""`Change(...)` with every field given, without the frozen dataclass's slow `__init__`."""
+_CHANGE_TYPES: Final = {wire: ChangeType(wire) for wire in WireChangeType}
+"""The wire's STATE type -> the `ChangeType` of the change."""
 
 
 @dataclass(frozen=True, slots=True)
 class BootstrapStarted:
     """A bootstrap begins: `count` entities will be sent (as BOOTSTRAP changes, and DELETED ones
-    for the tombstones of a delta).
+    for the tombstones of a delta), then `BootstrapComplete`.
 
-    `mode` FULL means the bootstrap sends every alive entity, and any entity it does not send
-    does not exist: a consumer that keeps a copy drops what the bootstrap did not send, once it
-    is complete. DELTA (a resumed subscription) sends only what changed after the last seq seen.
-    Live changes may arrive between this item and `BootstrapComplete`; keep the highest version.
+    Live changes may arrive between this item and `BootstrapComplete`; keep the highest version
+    of each entity.
     """
 
     mode: BootstrapMode
+    """FULL: the bootstrap sends every alive entity, and any entity it does not send does not
+    exist (a consumer that keeps a copy drops what the bootstrap did not send, once it is
+    complete). DELTA (a resumed subscription): only what changed after the last seq seen."""
     count: int
+    """How many entities the bootstrap sends."""
     resubscribed: bool = False
     """Whether the bootstrap follows a reconnection (False for the subscription's first one)."""
 
@@ -196,7 +205,9 @@ class BootstrapComplete:
     """A bootstrap ended: `count` entities were sent; from here the consumer is in sync."""
 
     mode: BootstrapMode
+    """FULL or DELTA, as in `BootstrapStarted.mode`."""
     count: int
+    """How many entities the bootstrap sent."""
 
     @property
     def full(self) -> bool:
@@ -208,13 +219,15 @@ class BootstrapComplete:
 class Resubscribed:
     """The subscription was re-established after its client reconnected.
 
-    With `mode` RESUME or FULL a bootstrap follows (`since_seq` is the point a RESUME asked
-    from); with LIVE_ONLY live changes simply go on, and changes made during the outage may have
-    been missed. A bootstrap that was under way when the connection was lost is abandoned.
+    With `mode` RESUME or FULL a bootstrap follows; with LIVE_ONLY live changes simply go on,
+    and changes made during the outage may have been missed. A bootstrap that was under way
+    when the connection was lost is abandoned.
     """
 
     mode: ReconnectMode
+    """The subscription's `ReconnectMode`."""
     since_seq: int
+    """The seq a RESUME asked for the changes after (0 for FULL and LIVE_ONLY)."""
 
 
 SubscriptionItem: TypeAlias = Change[T] | BootstrapStarted | BootstrapComplete | Resubscribed
@@ -223,25 +236,33 @@ SubscriptionItem: TypeAlias = Change[T] | BootstrapStarted | BootstrapComplete |
 
 @dataclass(frozen=True, slots=True)
 class EventItem(Generic[T]):
-    """One recorded write of an event-stream kind, as `subscribe_events` delivers it.
+    """One recorded write of an event-stream kind, as `KindHandle.subscribe_events` delivers it.
 
-    - `seq`: the event's sequence number (contiguous per kind).
-    - `source_id`: the source that wrote (for a synthesised retract, the source it was for).
-    - `op`: ASSERT, PATCH or RETRACT. `cause`: a client's write, or a retract the server
-      synthesised at an epoch end or a liveness expiry.
-    - `data`: for ASSERT the written value (the kind's class); for PATCH a dict of the patched
-      field names to their values; for RETRACT None. `mask`: the PATCH's field mask, else 0.
-    - `meta`: the write's own metadata (every write keeps its own, coalesced or not).
+    Example:
+        ```python
+        if event.op is cdb.EventOp.PATCH:
+            print(event.seq, event.source_id, event.fields)
+        ```
     """
 
     seq: int
+    """The event's sequence number (contiguous per kind)."""
     source_id: int
+    """The source that wrote (for a synthesised retract, the source it was for)."""
     op: EventOp
+    """ASSERT, PATCH or RETRACT."""
     cause: EventCause
+    """CLIENT_WRITE for a client's write; EPOCH_END or LIVENESS for a retract the server
+    synthesised at an epoch end or a liveness expiry."""
     entity_id: EntityId
+    """The entity's 32-byte id."""
     mask: int
+    """The PATCH's field mask (bit N for the field of ordinal N); 0 for other ops."""
     data: T | dict[str, Any] | None
+    """For ASSERT the written value (the kind's class); for PATCH a dict of the patched field
+    names to their values; for RETRACT None. `value` and `fields` read it typed."""
     meta: bytes = b""
+    """The write's own metadata (every write keeps its own, coalesced or not)."""
 
     @property
     def value(self) -> T | None:
@@ -254,7 +275,14 @@ class EventItem(Generic[T]):
         return self.data if isinstance(self.data, dict) else None
 
     def metadata(self) -> dict[str, str]:
-        """`meta` read as key/value metadata (`decode_metadata`)."""
+        """Read `meta` as key/value metadata (see `encode_metadata`).
+
+        Returns:
+            The key/value pairs; empty when the write had no metadata.
+
+        Raises:
+            MetadataError: The writer put something other than key/value metadata there.
+        """
         return decode_metadata(self.meta)
 
 
@@ -270,6 +298,14 @@ class _State(enum.Enum):
     ENDED = "ended"
 
 
+# Enum members as module constants: on the per-frame path, `_State.ENDED` (a lookup through the
+# enum class) costs more than the rest of the comparison.
+_NEW: Final = _State.NEW
+_CLOSING: Final = _State.CLOSING
+_ENDED: Final = _State.ENDED
+_WIRE_BOOTSTRAP: Final = WireChangeType.BOOTSTRAP
+
+
 class _StreamSubscription(Generic[ItemT]):
     """What state and event subscriptions share: the stream on the connection, the queue with
     its backpressure, the lifecycle, and being re-established after a reconnection.
@@ -280,13 +316,24 @@ class _StreamSubscription(Generic[ItemT]):
     """
 
     def __init__(self, client: Client, *, reconnect: bool, max_queue: int) -> None:
+        """Set up the queue and the lifecycle (the subclasses' constructors do it).
+
+        Args:
+            client: The client whose connection carries the subscription.
+            reconnect: Whether to re-establish the subscription after a reconnection.
+            max_queue: Queued items at which the client stops reading its socket.
+
+        Raises:
+            ValueError: `max_queue` is not a positive int.
+        """
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue must be a positive int, got {max_queue!r}")
         self._client = client
         self.reconnect = reconnect
         """Whether the subscription is re-established when its client reconnects."""
         self.max_queue = max_queue
-        """Queued items at which the client stops reading its socket (see the module doc)."""
+        """Queued items at which the client stops reading its socket (see "Backpressure" in
+        `Subscription`)."""
         self._low_water = max_queue // 2
         self._queue: deque[Any] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -353,8 +400,18 @@ class _StreamSubscription(Generic[ItemT]):
         """Subscribe, and return once the server has accepted (the items follow).
 
         Called by `async with` and by the first item of an `async for`; calling it again does
-        nothing. Raises what the server answers (e.g. `UnknownKind`, `NotEventStream`,
-        `EventsTruncated`) or `ConnectionLost` when the client is not connected.
+        nothing.
+
+        Returns:
+            The subscription itself.
+
+        Raises:
+            UnknownKind: The kind no longer exists on the server.
+            NotEventStream: An event subscription of a kind without an event stream.
+            EventsTruncated: An event subscription whose `from_seq` is no longer kept.
+            WriteRejected: A write sent earlier was rejected (see `Client`).
+            ConnectionLost: The client is not connected, or the connection was lost before the
+                server accepted.
         """
         if self._state is not _State.NEW:
             return self
@@ -375,7 +432,11 @@ class _StreamSubscription(Generic[ItemT]):
         return self
 
     async def close(self) -> None:
-        """Unsubscribe and end the iteration (items not yet taken are dropped). Idempotent."""
+        """Unsubscribe and end the iteration; items not yet taken are dropped.
+
+        Leaving the `async with` block calls it; calling it again does nothing. It raises
+        nothing about the connection (a lost connection has ended the subscription already).
+        """
         if self._state in (_State.CLOSING, _State.ENDED):
             return
         connection, stream_id = self._connection, self._stream_id
@@ -410,8 +471,14 @@ class _StreamSubscription(Generic[ItemT]):
         """The items; a plain `async for` (outside `async with`) closes the subscription when
         the loop ends."""
         owned = not self._entered
+        queue = self._queue
+        take = self._take
+        to_item = self._to_item
         try:
             while True:
+                if queue and self._state is not _NEW:  # `_next` without a coroutine
+                    yield to_item(take())
+                    continue
                 try:
                     item = await self._next()
                 except StopAsyncIteration:
@@ -442,8 +509,18 @@ class _StreamSubscription(Generic[ItemT]):
     # --- the stream (StreamSink) ------------------------------------------------------------------
 
     def deliver(self, message: Message) -> bool:
-        """A frame of the subscription's stream, from the connection's reader."""
-        if self._state in (_State.CLOSING, _State.ENDED):
+        """Take a frame of the subscription's stream, from the connection's reader.
+
+        @private: the connection calls it; it is not for users.
+
+        Args:
+            message: The decoded frame.
+
+        Returns:
+            True when the stream is finished (its id is then free for reuse).
+        """
+        state = self._state
+        if state is _CLOSING or state is _ENDED:
             return False
         if isinstance(message, Error):
             self._refused(error_from_frame(message.code, message.op, message.message))
@@ -455,13 +532,26 @@ class _StreamSubscription(Generic[ItemT]):
                 self._accepted.set_result(message.value)
             return False
         entry = self._on_frame(message)
-        if entry is not None:
-            self._push(entry)
+        if entry is not None:  # `_push`, inlined: this runs once per frame
+            queue = self._queue
+            queue.append(entry)
+            self._received += 1
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            if not self._holding and len(queue) >= self.max_queue:
+                self._hold()
         return False
 
     def fail(self, exc: BaseException) -> None:
-        """The stream ended without an UNSUBSCRIBE: the connection is lost (the subscription
-        waits to be re-established) or a frame did not decode (it ends with that error)."""
+        """End the stream without an UNSUBSCRIBE, from the connection.
+
+        @private: the connection calls it; it is not for users.
+
+        Args:
+            exc: Why: the connection is lost (the subscription waits to be re-established if
+                the client reconnects) or a frame did not decode (it ends with that error).
+        """
         if self._state in (_State.CLOSING, _State.ENDED, _State.NEW):
             return
         self._connection = None
@@ -562,6 +652,7 @@ class _StreamSubscription(Generic[ItemT]):
         self._wake()
 
     def _push(self, entry: Any) -> None:
+        """Queue an entry for the consumer (`deliver` has it inlined)."""
         self._queue.append(entry)
         self._received += 1
         self._wake()
@@ -595,10 +686,50 @@ class _StreamSubscription(Generic[ItemT]):
 
 
 class Subscription(_StreamSubscription[SubscriptionItem[T]]):
-    """The live changes of one kind: `handle.subscribe(...)`. See the module documentation.
+    """The live changes of one kind, made by `KindHandle.subscribe`.
 
-    `async with handle.subscribe() as sub: async for item in sub: ...` — items are `Change`,
-    `BootstrapStarted`, `BootstrapComplete` and `Resubscribed`.
+    A subscription is an async iterator and an async context manager. It subscribes when the
+    `async with` block is entered (or at the first item of a plain `async for`, or with
+    `start()`) and unsubscribes when the block ends, when `close()` is called, or when a plain
+    `async for` loop is left (the loop's generator is closed then; prefer `async with`, which
+    closes at a known point).
+
+    **Items.** It yields `Change` items (CREATED, UPDATED, DELETED, and BOOTSTRAP for the
+    entities a bootstrap sends), `BootstrapStarted` and `BootstrapComplete` around each
+    bootstrap, and `Resubscribed` each time it was re-established after its client
+    reconnected. Errors the server reports for the subscription (e.g. `UnknownKind`) are raised
+    by the iterator; so is `ConnectionLost` when the connection is gone for good (reconnection
+    off or impossible, or the subscription made with `reconnect=False`). After
+    `Client.close` the iteration simply ends.
+
+    **Backpressure.** Notifications are queued per subscription by the connection's reader,
+    which never waits for a consumer. When a subscription's queue reaches `max_queue` items,
+    the client stops reading its socket until the consumer has taken half of them. The server
+    then sees a backed-up subscriber and merges the notifications it holds for it per entity,
+    so a slow consumer costs the server memory bounded by the number of entities, and costs
+    this client at most `max_queue` items plus the socket's buffers. Stopping the socket stops
+    every subscription of the client, and the replies to its requests: reading goes on while a
+    reply is awaited (a consumer that queries between two items cannot deadlock), but a
+    consumer that takes nothing for the server's subscriber timeout (60 s by default) gets its
+    connection closed with SLOW_SUBSCRIBER; the client then reconnects and resumes the
+    subscription.
+
+    **Reconnection.** When the client reconnects, a subscription made with `reconnect=True` is
+    re-established according to its `mode` (a `ReconnectMode`); items already queued are kept
+    and delivered first. RESUME asks for the changes after the last seq received *completely*
+    (`resume_seq`: the highest seq seen, minus one, so that a flush whose frames were cut by
+    the disconnect is sent again whole): the resulting bootstrap may repeat a few entities,
+    which every consumer already tolerates (keep the highest version).
+
+    Example:
+        ```python
+        async with players.subscribe() as changes:
+            async for item in changes:
+                if isinstance(item, cdb.Change):
+                    print(item.type.name, item.entity_id.hex(), item.value)
+                elif isinstance(item, cdb.BootstrapComplete):
+                    print("in sync with", item.count, "entities")
+        ```
     """
 
     def __init__(
@@ -611,6 +742,20 @@ class Subscription(_StreamSubscription[SubscriptionItem[T]]):
         reconnect: bool,
         max_queue: int,
     ) -> None:
+        """Prepare a subscription; `KindHandle.subscribe` does it, and says more.
+
+        Args:
+            handle: The kind to subscribe to.
+            bootstrap: First receive every existing entity.
+            include_previous: UPDATED (and DELETED) changes also carry the previous state.
+            mode: How the subscription is re-established after a reconnection.
+            reconnect: Whether it is re-established at all (False: it ends with the
+                connection).
+            max_queue: Queued items at which the client stops reading its socket.
+
+        Raises:
+            ValueError: `max_queue` is not a positive int.
+        """
         super().__init__(handle.client, reconnect=reconnect, max_queue=max_queue)
         self.handle = handle
         """The kind subscribed to."""
@@ -681,10 +826,16 @@ class Subscription(_StreamSubscription[SubscriptionItem[T]]):
             self._resume_seq = max(self._resume_seq, value)
 
     def _on_frame(self, message: Message) -> Any:
-        if isinstance(message, State):
-            self._seq = max(self._seq, message.seq)
-            if message.type is not WireChangeType.BOOTSTRAP:
-                self._saw_live(message.seq)
+        if isinstance(message, State):  # once per change: `_saw_live` inlined
+            seq = message.seq
+            if seq > self._seq:
+                self._seq = seq
+            if message.type is not _WIRE_BOOTSTRAP:
+                if self._bootstrap_mode is None:
+                    if seq - 1 > self._resume_seq:
+                        self._resume_seq = seq - 1
+                elif seq > self._live_max:
+                    self._live_max = seq
             return message
         if isinstance(message, Deleted):
             self._seq = max(self._seq, message.seq)
@@ -720,8 +871,11 @@ class Subscription(_StreamSubscription[SubscriptionItem[T]]):
     def _change(self, message: State) -> Change[T]:
         handle = self.handle
         previous = handle.decode(message.previous) if message.previous else None
-        return Change(
-            ChangeType(message.type),
+        change_type = _CHANGE_TYPES.get(message.type)
+        if change_type is None:  # not a wire type: say so as ChangeType() does
+            change_type = ChangeType(message.type)
+        change: Change[T] = _new_change(
+            change_type,
             message.eid,
             handle.decode(message.data),
             message.version,
@@ -733,11 +887,12 @@ class Subscription(_StreamSubscription[SubscriptionItem[T]]):
             None,
             handle.field_names,
         )
+        return change
 
     def _deletion(self, message: Deleted) -> Change[T]:
         handle = self.handle
         previous = handle.decode(message.previous) if message.previous else None
-        return Change(
+        change: Change[T] = _new_change(
             ChangeType.DELETED,
             message.eid,
             None,
@@ -750,22 +905,43 @@ class Subscription(_StreamSubscription[SubscriptionItem[T]]):
             message.cause,
             handle.field_names,
         )
+        return change
 
 
 # --- event subscriptions ----------------------------------------------------------------------
 
 
 class EventSubscription(_StreamSubscription[EventItem[T]]):
-    """The event stream of an event-stream kind: `handle.subscribe_events(from_seq=...)`.
+    """The event stream of an event-stream kind, made by `KindHandle.subscribe_events`.
 
-    Yields one `EventItem` per recorded write, in sequence order. After a reconnection it
-    resumes from the event after the last one received; if the server no longer keeps it, the
-    iterator raises `EventsTruncated`.
+    Yields one `EventItem` per recorded write, in sequence order. Its lifecycle and
+    backpressure are those of a `Subscription` (`async with`, `start()`, `close()`). After a
+    reconnection it resumes from the event after the last one received; if the server no
+    longer keeps it, the iterator raises `EventsTruncated`.
+
+    Example:
+        ```python
+        async with trades.subscribe_events(from_seq=1) as events:
+            async for event in events:
+                print(event.seq, event.op.name, event.data, event.metadata())
+        ```
     """
 
     def __init__(
         self, handle: KindHandle[T], *, from_seq: int, reconnect: bool, max_queue: int
     ) -> None:
+        """Prepare an event subscription; `KindHandle.subscribe_events` does it, and says more.
+
+        Args:
+            handle: The kind whose events to receive (an event-stream kind).
+            from_seq: The first event wanted (0: only events recorded from now on).
+            reconnect: Whether it is re-established after a reconnection (False: it ends
+                with the connection).
+            max_queue: Queued items at which the client stops reading its socket.
+
+        Raises:
+            ValueError: `from_seq` is negative or `max_queue` not a positive int.
+        """
         if isinstance(from_seq, bool) or not isinstance(from_seq, int) or from_seq < 0:
             raise ValueError(f"from_seq must be an int >= 0, got {from_seq!r}")
         super().__init__(handle.client, reconnect=reconnect, max_queue=max_queue)

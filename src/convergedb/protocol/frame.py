@@ -76,14 +76,24 @@ class FrameReader:
     (PAYLOAD_TOO_LARGE, raised before any of the payload arrives).
 
     A raised `ProtocolError` is final: the connection must be closed, and every later `feed()`
-    raises the same error again.
+    raises the same error again. The frames that chunk completed before the bad header are
+    valid and came first: `frames_before_failure()` gives them, so that they are handled
+    before the error is reported, whatever the chunk boundaries.
 
     Cost: frames inside one chunk are sliced out of it without copying. A frame split over
     several chunks keeps references to its pieces and joins them once, when it is complete, so
     each byte is copied at most once however small the chunks are.
     """
 
-    __slots__ = ("_chunks", "_failed", "_have", "_head", "_max_payload", "_pending")
+    __slots__ = (
+        "_before_failure",
+        "_chunks",
+        "_failed",
+        "_have",
+        "_head",
+        "_max_payload",
+        "_pending",
+    )
 
     def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         if not 0 <= max_payload <= MAX_PAYLOAD_CEILING:
@@ -97,6 +107,7 @@ class FrameReader:
         """The pieces of that payload received so far, views of immutable chunks."""
         self._have = 0
         self._failed: ProtocolError | None = None
+        self._before_failure: list[Frame] = []
 
     @property
     def max_payload(self) -> int:
@@ -121,19 +132,35 @@ class FrameReader:
             data = bytes(data)
         view = memoryview(data)
         frames: list[Frame] = []
-        pos = 0
-        if self._head:
-            pos = self._complete_header(view)
-            if self._pending is None:
-                return frames
-        if self._pending is not None:
-            pos = self._complete_payload(view, pos, frames)
+        try:
+            pos = 0
+            if self._head:
+                pos = self._complete_header(view)
+                if self._pending is None:
+                    return frames
             if self._pending is not None:
-                return frames
-        self._split(view, pos, frames)
+                pos = self._complete_payload(view, pos, frames)
+                if self._awaiting_payload():
+                    return frames
+            self._split(view, pos, frames)
+        except ProtocolError:
+            self._before_failure = frames
+            raise
+        return frames
+
+    def frames_before_failure(self) -> list[Frame]:
+        """The frames the failing `feed()` completed before the bad header, in order (each
+        given once). They are valid: handle them, then report the error."""
+        frames, self._before_failure = self._before_failure, []
         return frames
 
     # --- internals ----------------------------------------------------------------------------
+
+    def _awaiting_payload(self) -> bool:
+        # a method, not `self._pending is not None` inline: after a call that may reset it,
+        # a re-read of an attribute narrowed before the call is not re-checked by mypy, and
+        # mypyc (which compiles this module) would trust the stale narrowing
+        return self._pending is not None
 
     def _split(self, view: memoryview, pos: int, frames: list[Frame]) -> None:
         """Slice whole frames out of `view` from `pos`; keep the incomplete rest."""

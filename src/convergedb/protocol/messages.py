@@ -18,11 +18,12 @@ older client has never heard of). Encoders refuse values that break a limit with
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar, Final, Self, TypeVar
 
+from .._frozen import frozen_constructor
 from ..limits import (
     DEFAULT_HEARTBEAT_INTERVAL_MS,
     DEFAULT_LIVENESS_DEADLINE_MS,
@@ -102,6 +103,15 @@ def _unpack_head(head: struct.Struct, payload: BytesLike, op: int, what: str) ->
         return head.unpack_from(payload, 0)
     except struct.error:
         raise _truncated(op, what, 0, head.size, len(payload)) from None
+
+
+def _as_bytes(payload: BytesLike) -> bytes:
+    """The payload as `bytes` (itself if it is), to slice copies out of."""
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, memoryview):
+        return payload.tobytes()
+    return bytes(payload)
 
 
 def _blob(payload: BytesLike, pos: int, size: int, op: int, what: str) -> bytes:
@@ -638,6 +648,10 @@ class ListKinds(_Empty):
 
 _STATE_HEAD: Final = struct.Struct("<H32sBQQQQI")
 """kind_id, eid, type, version, source_set, changed_fields, seq, data length."""
+_STATE_UNPACK: Final = _STATE_HEAD.unpack_from
+_STATE_SIZE: Final = _STATE_HEAD.size
+_U32_UNPACK: Final = U32.unpack_from
+_U16_UNPACK: Final = U16.unpack_from
 
 
 @dataclass(frozen=True, slots=True)
@@ -673,6 +687,46 @@ class State(Message):
 
     @classmethod
     def decode(cls, payload: BytesLike) -> Self:
+        # The subscriber's hot path: one unpack, the spans checked inline, no helper calls and
+        # no frozen-dataclass __init__. Anything unusual (a short payload, an undefined type, a
+        # subclass) takes the general path, which says what is wrong.
+        try:
+            kind_id, eid, change, version, source_set, changed, seq, size = _STATE_UNPACK(
+                payload, 0
+            )
+            change_type = _CHANGE_TYPES[change]
+        except (struct.error, KeyError):
+            return cls._decode(payload)
+        end = len(payload)
+        data_end = _STATE_SIZE + size
+        previous_start = data_end + 4
+        if previous_start > end or cls is not State:
+            return cls._decode(payload)
+        (previous_size,) = _U32_UNPACK(payload, data_end)
+        previous_end = previous_start + previous_size
+        if previous_end != end:
+            meta_start = previous_end + 2
+            if meta_start > end or meta_start + _U16_UNPACK(payload, previous_end)[0] != end:
+                return cls._decode(payload)
+        # one copy of the payload, then slices of it: cheaper than copies of memoryview slices
+        data = payload.tobytes() if payload.__class__ is memoryview else _as_bytes(payload)
+        state: Self = _new_state(
+            kind_id,
+            eid,
+            change_type,
+            version,
+            source_set,
+            changed,
+            seq,
+            data[_STATE_SIZE:data_end],
+            data[previous_start:previous_end] if previous_size else b"",
+            data[previous_end + 2 :] if previous_end != end else b"",
+        )
+        return state
+
+    @classmethod
+    def _decode(cls, payload: BytesLike) -> Self:
+        """`decode`, step by step: the path of a payload that is not a plain, whole STATE."""
         op = Opcode.STATE
         kind_id, eid, change, version, source_set, changed, seq, size = _unpack_head(
             _STATE_HEAD, payload, op, "the fixed fields"
@@ -700,6 +754,8 @@ def _blob32(payload: BytesLike, pos: int, op: int, what: str) -> bytes:
 
 _DELETED_HEAD: Final = struct.Struct("<H32sQQB")
 """kind_id, eid, version, seq, cause."""
+_DELETED_UNPACK: Final = _DELETED_HEAD.unpack_from
+_DELETED_SIZE: Final = _DELETED_HEAD.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -722,6 +778,37 @@ class Deleted(Message):
 
     @classmethod
     def decode(cls, payload: BytesLike) -> Self:
+        # the hot path, as in `State.decode`
+        try:
+            kind_id, eid, version, seq, cause = _DELETED_UNPACK(payload, 0)
+            delete_cause = _DELETE_CAUSES[cause]
+        except (struct.error, KeyError):
+            return cls._decode(payload)
+        end = len(payload)
+        previous_start = _DELETED_SIZE + 4
+        if previous_start > end or cls is not Deleted:
+            return cls._decode(payload)
+        (previous_size,) = _U32_UNPACK(payload, _DELETED_SIZE)
+        previous_end = previous_start + previous_size
+        if previous_end != end:
+            meta_start = previous_end + 2
+            if meta_start > end or meta_start + _U16_UNPACK(payload, previous_end)[0] != end:
+                return cls._decode(payload)
+        data = payload.tobytes() if payload.__class__ is memoryview else _as_bytes(payload)
+        deleted: Self = _new_deleted(
+            kind_id,
+            eid,
+            version,
+            seq,
+            delete_cause,
+            data[previous_start:previous_end] if previous_size else b"",
+            data[previous_end + 2 :] if previous_end != end else b"",
+        )
+        return deleted
+
+    @classmethod
+    def _decode(cls, payload: BytesLike) -> Self:
+        """`decode`, step by step: the path of a payload that is not a plain, whole DELETED."""
         op = Opcode.DELETED
         kind_id, eid, version, seq, cause = _unpack_head(
             _DELETED_HEAD, payload, op, "the fixed fields"
@@ -732,6 +819,11 @@ class Deleted(Message):
         meta = _meta_tail(payload, pos + 4 + len(previous), op)
         return cls(kind_id, eid, version, seq, delete_cause, previous, meta)
 
+
+_new_state: Final[Callable[..., Any]] = frozen_constructor(State)
+"""`State(...)` with every field given, without the frozen dataclass's slow `__init__`."""
+_new_deleted: Final[Callable[..., Any]] = frozen_constructor(Deleted)
+"""`Deleted(...)` likewise."""
 
 _BOOTSTRAP_BEGIN: Final = struct.Struct("<HBQ")
 

@@ -46,7 +46,6 @@ _U32 = struct.Struct("<I")
 Items = list[Any]
 """The flat list of struct items a fixed-size value packs into."""
 ToItems = Callable[[Any, Items], None]
-FromItems = Callable[[tuple[Any, ...], int], tuple[Any, int]]
 RowCheck = Callable[[bytes, int, int], None]
 """Checks the bytes row[start:end] of one value; raises InvalidData."""
 
@@ -131,28 +130,6 @@ def _fixed_to_items(f: Field, path: str) -> ToItems:
 
 def _plain_item(value: Any, out: Items) -> None:
     out.append(value)
-
-
-def _fixed_from_items(f: Field) -> FromItems:
-    """A converter that rebuilds one fixed-size value of `f` from unpacked struct items."""
-    if f.type is FieldType.STRUCT:
-        subs = [_fixed_from_items(sub) for sub in f.subfields]
-
-        def struct_value(items: tuple[Any, ...], i: int) -> tuple[Any, int]:
-            values = []
-            for convert in subs:
-                value, i = convert(items, i)
-                values.append(value)
-            return tuple(values), i
-
-        return struct_value
-    if f.type is FieldType.STRING:
-        return lambda items, i: (items[i + 1][: items[i]].decode(), i + 2)
-    if f.type is FieldType.BYTES:
-        return lambda items, i: (items[i + 1][: items[i]], i + 2)
-    if f.type is FieldType.U128:
-        return lambda items, i: (items[i] | items[i + 1] << 64, i + 2)
-    return lambda items, i: (items[i], i + 1)
 
 
 def _out_of_range(f: Field, value: Any, path: str) -> InvalidData:
@@ -268,6 +245,96 @@ def _variable_check(f: Field, path: str) -> RowCheck:
     return check_array
 
 
+# --- decoding: a straight-line decoder generated per layout ----------------------------------
+
+
+class _DecodeBuilder:
+    """Writes the Python expressions that rebuild values from the items of one struct unpack."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.names: list[str] = []
+        """The names the unpacked items are bound to, in struct order."""
+
+    def item(self) -> str:
+        """The name of the next unpacked item."""
+        name = f"{self.prefix}{len(self.names)}"
+        self.names.append(name)
+        return name
+
+    def unpacked(self) -> str:
+        """The assignment target of the unpacked items."""
+        return ", ".join(self.names) + ("," if len(self.names) == 1 else "")
+
+    def fixed(self, f: Field) -> str:
+        """The expression of one fixed-size value of `f` (what `_fixed_format` packs)."""
+        item = self.item
+        if f.type is FieldType.STRUCT:
+            parts = [self.fixed(sub) for sub in f.subfields]
+            return f"({', '.join(parts)}{',' if len(parts) == 1 else ''})"
+        if f.type.is_text:
+            length, data = item(), item()
+            text = f"{data}[:{length}]"
+            return f"{text}.decode()" if f.type is FieldType.STRING else text
+        if f.type is FieldType.U128:
+            low, high = item(), item()
+            return f"({low} | {high} << 64)"
+        return item()
+
+
+def _compile_decode(
+    fields: Sequence[Field], fixed_struct: struct.Struct, fixed_size: int, plain: bool
+) -> Callable[[bytes], list[Any]]:
+    """The decoder of rows of `fields`: one `unpack_from` of the whole fixed zone (directory
+    entries included), then one expression per field with the layout inlined, so that nothing
+    about the schema is looked up per row.
+
+    For a kind of a variable string, a u32 and an 8-byte fixed string (`unpack` is that of
+    "<IIH8s", the 18-byte fixed zone):
+
+        def decode(row):
+            i0, i1, i2, i3 = unpack(row)
+            p = 18
+            e = p + i0
+            v0 = row[p:e].decode()
+            p = e
+            return [v0, i1, i3[:i2].decode()]
+    """
+    unpack = fixed_struct.unpack_from
+    if plain:  # every item is a field's value
+        return lambda row: list(unpack(row))
+    b = _DecodeBuilder("i")
+    namespace: dict[str, Any] = {"unpack": unpack}
+    lines: list[str] = []
+    values: list[str] = []
+    for f in fields:
+        if not f.is_variable:
+            values.append(b.fixed(f))
+            continue
+        length = b.item()
+        value = f"v{f.ordinal}"
+        if not f.array:
+            data = "row[p:e].decode()" if f.type is FieldType.STRING else "bytes(row[p:e])"
+        else:
+            elements = _DecodeBuilder("a")
+            element = elements.fixed(f)
+            namespace[f"elements{f.ordinal}"] = struct.Struct("<" + _fixed_format(f)).iter_unpack
+            data = f"[{element} for {elements.unpacked()} in elements{f.ordinal}(row[p:e])]"
+        lines += [f"e = p + {length}", f"{value} = {data}", "p = e"]
+        values.append(value)
+    body = []
+    if b.names:
+        body.append(f"{b.unpacked()} = unpack(row)")
+    if lines:
+        body.append(f"p = {fixed_size}")
+    body += lines
+    body.append(f"return [{', '.join(values)}]")
+    source = "def decode(row):\n" + "".join(f"    {line}\n" for line in body)
+    exec(compile(source, "<convergedb row decoder>", "exec"), namespace)
+    decode: Callable[[bytes], list[Any]] = namespace["decode"]
+    return decode
+
+
 # --- the codec --------------------------------------------------------------------------------
 
 
@@ -278,7 +345,6 @@ class RowCodec:
     """
 
     __slots__ = (
-        "_decoders",
         "_directory",
         "_encoders",
         "_field_structs",
@@ -287,11 +353,11 @@ class RowCodec:
         "_fixed_struct",
         "_plain",
         "_variable_checks",
-        "_variable_decoders",
         "_variable_encoders",
         "_variable_ordinals",
         "_zero_fill",
         "all_fields_mask",
+        "decode",
         "fields",
         "fixed_size",
         "is_valid",
@@ -319,12 +385,8 @@ class RowCodec:
         )
         self._directory = self._compile_directory()
         self._encoders = tuple(self._compile_encoder(f) for f in self.fields)
-        self._decoders = tuple(self._compile_decoder(f) for f in self.fields)
         self._variable_encoders = {
             f.ordinal: self._compile_data_encoder(f) for f in self.fields if f.is_variable
-        }
-        self._variable_decoders = {
-            f.ordinal: self._compile_data_decoder(f) for f in self.fields if f.is_variable
         }
         self._fixed_checks = tuple(
             check
@@ -342,6 +404,12 @@ class RowCodec:
             for ordinal, (start, end) in enumerate(zip(offsets, self.offsets[1:], strict=True))
         )
         """(bit shift, bit mask, field bit) of each field in the fixed zone read as an integer."""
+        self.decode: Callable[[bytes], list[Any]] = _compile_decode(
+            self.fields, self._fixed_struct, self.fixed_size, self._plain
+        )
+        """The field values of a valid row, in ordinal order (`decode(row) -> list`): structs
+        as tuples, arrays as lists. Validate untrusted rows first. Generated straight-line code
+        (see `_compile_decode`)."""
         self.is_valid = compile_row_check(
             self.fields, self.offsets, self.fixed_size, self._variable_checks
         )
@@ -448,39 +516,6 @@ class RowCodec:
         return InvalidData("the values do not fit the schema")
 
     # decoding -------------------------------------------------------------------------------
-
-    def _compile_decoder(self, f: Field) -> FromItems:
-        if f.is_variable:
-            return lambda items, i: (items[i], i + 1)  # the directory length; data decoded later
-        return _fixed_from_items(f)
-
-    def _compile_data_decoder(self, f: Field) -> Callable[[bytes], Any]:
-        if not f.array:
-            if f.type is FieldType.STRING:
-                return lambda data: data.decode()
-            return bytes
-        element_struct = struct.Struct("<" + _fixed_format(f))
-        from_items = _fixed_from_items(f)
-        if f.type.is_scalar and f.type is not FieldType.U128:
-            return lambda data: [items[0] for items in element_struct.iter_unpack(data)]
-        return lambda data: [from_items(items, 0)[0] for items in element_struct.iter_unpack(data)]
-
-    def decode(self, row: bytes) -> list[Any]:
-        """The field values of a valid row, in ordinal order. Validate untrusted rows first."""
-        items = self._fixed_struct.unpack_from(row)
-        if self._plain:
-            return list(items)
-        values: list[Any] = []
-        i = 0
-        position = self.fixed_size
-        for f, decode in zip(self.fields, self._decoders, strict=True):
-            value, i = decode(items, i)
-            if f.is_variable:
-                end = position + value
-                value = self._variable_decoders[f.ordinal](row[position:end])
-                position = end
-            values.append(value)
-        return values
 
     def decode_named(self, row: bytes) -> dict[str, Any]:
         """The field values of a valid row by field name; structs as dicts by sub-field name

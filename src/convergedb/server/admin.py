@@ -60,6 +60,12 @@ def status(server: Server) -> dict[str, Any]:
     return {
         "version": server.version,
         "seq": server.engine.seq,
+        "log_backlog": server.store.log_backlog(),
+        "checkpointer": {
+            "state": "running" if server.checkpointer.alive else "stopped",
+            "pid": server.checkpointer.pid,
+            "restarts": server.checkpointer.restarts,
+        },
         "time_ms": now_ms,
         "connections": {
             "writers": sum(1 for c in connections if not c.read_only),

@@ -15,6 +15,7 @@ from ..protocol.codes import ErrorCode
 from ..protocol.errors import ProtocolError
 from .admin import AdminServer
 from .catalog import Catalog
+from .checkpoint import Checkpointer
 from .config import ServerConfig
 from .connection import ServerConnection
 from .engine import Engine
@@ -52,6 +53,7 @@ class Server:
         self.catalog = Catalog()
         self.store = Store(config.data_dir, fsync=config.fsync)
         self.engine = Engine(self.catalog, self.store, window_ms=config.window_ms)
+        self.checkpointer = Checkpointer(config.data_dir, fsync=config.fsync)
         self.authenticator = Authenticator(config.tokens)
         self.liveness = Liveness(self)
         self.sources = SourceRegistry(self.liveness.expire)
@@ -71,6 +73,7 @@ class Server:
         started = time.perf_counter()
         entities = self.engine.load()
         self.store.reopen()
+        self.checkpointer.start()
         tune_garbage_collector()
         self.presence = Presence(self.catalog, self.engine)
         log.info(
@@ -135,12 +138,14 @@ class Server:
             log.info("%s disconnected", connection.peer)
 
     async def _compact_forever(self) -> None:
-        """Remove tombstones older than the retention, within a second of their expiry."""
+        """Remove tombstones older than the retention, within a second of their expiry; keep a
+        checkpointer running."""
         retention_ms = int(self.config.tombstone_retention_s * 1000)
         interval = min(1.0, max(0.05, self.config.tombstone_retention_s / 4))
         while True:
             await asyncio.sleep(interval)
             self.engine.compact(int(time.time() * 1000) - retention_ms)
+            self.checkpointer.ensure_running()
 
     # shutdown ------------------------------------------------------------------------------------
 
@@ -165,6 +170,7 @@ class Server:
             connection.send_error(shutting_down, 0)
         if self._listener is not None:
             await self._listener.wait_closed()
+        await asyncio.get_running_loop().run_in_executor(None, self.checkpointer.stop)
         self.store.close()
         log.info("stopped")
 

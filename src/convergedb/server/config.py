@@ -76,6 +76,8 @@ class ServerConfig:
     event_ring: int = limits.DEFAULT_EVENT_RING
     admin_port: int = limits.DEFAULT_ADMIN_PORT
     max_connections: int = limits.DEFAULT_MAX_CONNECTIONS
+    max_subscriptions: int = limits.DEFAULT_MAX_SUBSCRIPTIONS
+    read_timeout_s: float = limits.DEFAULT_READ_TIMEOUT_S
     log_level: str = "info"
     log_format: str = "text"
 
@@ -94,6 +96,8 @@ class ServerConfig:
             (self.subscriber_timeout_s > 0, "the subscriber timeout must be positive"),
             (self.event_ring >= 1, "the event ring must hold at least 1 event"),
             (self.max_connections >= 1, "max connections must be at least 1"),
+            (self.max_subscriptions >= 1, "max subscriptions must be at least 1"),
+            (self.read_timeout_s > 0, "the read timeout must be positive"),
         ]
         for ok, message in checks:
             if not ok:

@@ -113,6 +113,8 @@ class ServerConnection(asyncio.Protocol):
         self.last_seen = time.monotonic()
         self.presence_written_ms = 0
         self.epoch: Epoch | None = None
+        self.read_timer: asyncio.TimerHandle | None = None
+        """Due when the read timeout would run out: no CONNECT yet, or a frame half-received."""
 
     # transport events ---------------------------------------------------------------------------
 
@@ -126,6 +128,8 @@ class ServerConnection(asyncio.Protocol):
                 0,
                 close=True,
             )
+            return
+        self._arm_read_timer(self.server.config.read_timeout_s)
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = time.monotonic()
@@ -134,12 +138,19 @@ class ServerConnection(asyncio.Protocol):
         try:
             frames = self.reader.feed(data)
         except ProtocolError as exc:
-            self.send_error(exc, 0, close=True)
+            for frame in self.reader.frames_before_failure():  # they came first: handle them
+                if self.closing:
+                    return
+                self._dispatch(frame)
+            if not self.closing:
+                self.send_error(exc, 0, close=True)
             return
         for frame in frames:
             if self.closing:
                 return
             self._dispatch(frame)
+        if self.read_timer is None and self.reader.buffered and not self.closing:
+            self._arm_read_timer(self.server.config.read_timeout_s)
         if self.engine.overdue() and not self.reading_held and self.transport is not None:
             self.reading_held = True
             self.transport.pause_reading()
@@ -152,7 +163,35 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+            self.read_timer = None
         self.server.forget(self)
+
+    def _arm_read_timer(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.read_timer = loop.call_later(delay, self._check_read_timeout)
+
+    def _check_read_timeout(self) -> None:
+        """The read timeout: a connection must send CONNECT within it, and a frame whose first
+        bytes arrived must not stall for longer (the liveness deadline, up to minutes, watches
+        whole silence; this bounds what a half-sent frame holds)."""
+        self.read_timer = None
+        if self.closing:
+            return
+        timeout = self.server.config.read_timeout_s
+        if not self.connected:
+            message = f"no CONNECT within {timeout:g} s of opening the connection"
+            self.send_error(ProtocolError(ErrorCode.NOT_CONNECTED, message), 0, close=True)
+            return
+        if not self.reader.buffered:
+            return  # nothing half-received: the timer is armed again when something is
+        idle = time.monotonic() - self.last_seen
+        if self.reading_held or idle < timeout:  # the server itself holds reading: not stalled
+            self._arm_read_timer(timeout if self.reading_held else timeout - idle)
+            return
+        message = f"a frame stalled half-received: nothing arrived for {timeout:g} s"
+        self.send_error(ProtocolError(ErrorCode.BAD_FRAME, message), 0, close=True)
 
     def pause_writing(self) -> None:
         self.server.subscriptions.pause(self)
@@ -208,6 +247,10 @@ class ServerConnection(asyncio.Protocol):
             handler(self, frame)
         except (ProtocolError, SchemaError) as exc:
             self._report(exc, opcode, stream_id)
+        except Exception:  # a bug: answer INTERNAL and keep the connection (and the log)
+            log.exception("%s: handling a frame with opcode 0x%02x failed", self.peer, opcode)
+            failed = ProtocolError(ErrorCode.INTERNAL, "the server failed to handle the frame")
+            self._report(failed, opcode, stream_id)
 
     def _report(self, exc: Exception, opcode: int, stream_id: int) -> None:
         error = (
@@ -375,6 +418,13 @@ class ServerConnection(asyncio.Protocol):
                 Opcode.GET_KIND,
             )
         if request.definition is not None:
+            if request.definition.name != kind.name:
+                raise ProtocolError(
+                    ErrorCode.SCHEMA_CONFLICT,
+                    f"GET_KIND {kind.name!r} carries the definition of {request.definition.name!r}"
+                    ": the definition must be of the kind named",
+                    Opcode.GET_KIND,
+                )
             check_prefix(kind.definition, request.definition)
         self.send(_kind_info(kind), frame.stream_id)
 

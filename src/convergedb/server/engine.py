@@ -155,28 +155,41 @@ class Engine:
     # committed state -----------------------------------------------------------------------------
 
     def load(self) -> int:
-        """Load every kind, and the entities of in-memory kinds, from the store; queue every
-        tombstone for compaction."""
+        """Load every kind, and the entities of in-memory kinds, from the store (the checkpoint,
+        then the log records after it); queue every tombstone for compaction."""
         count = 0
         tombstones: list[tuple[int, int, bytes]] = []
         for stored in self.store.load_kinds():
             kind = self.catalog.load(stored)
             if kind.entities is not None:
                 kind.entities.update(self.store.iter_entities(kind.kind_id))
-                count += len(kind.entities)
+        self._replay_log()
+        for kind in self.catalog.by_id.values():
             dead = [
                 (e.deleted_at_ms, kind.kind_id, eid) for eid, e in self._all(kind) if not e.sources
             ]
             tombstones.extend(dead)
             kind.tombstones = len(dead)
-            kind.alive = (
-                len(kind.entities)
-                if kind.entities is not None
-                else self.store.count_entities(kind.kind_id)
-            ) - len(dead)
+            if kind.entities is not None:
+                count += len(kind.entities)
+                kind.alive = len(kind.entities) - len(dead)
+            else:
+                kind.alive = self.store.count_entities(kind.kind_id) - len(dead)
         tombstones.sort()
         self._tombstones.extend(tombstones)
         return count
+
+    def _replay_log(self) -> None:
+        """Apply the log records the checkpointer had not moved into the store's entities."""
+        by_id = self.catalog.by_id
+        for kind_id, eid, entity in self.store.replay_log():
+            entities = by_id[kind_id].entities
+            if entities is None:
+                continue
+            if entity is None:
+                entities.pop(eid, None)
+            else:
+                entities[eid] = entity
 
     def _all(self, kind: KindState) -> Iterable[tuple[bytes, Entity]]:
         """Every committed entity of a kind (a scan of the store for a disk-backed kind)."""
@@ -278,17 +291,20 @@ class Engine:
         before counts even if its flush has not run). System kinds only when `system`."""
         held: list[tuple[KindState, bytes]] = []
         for kind in list(self.catalog.by_id.values()):
-            if kind.system and not system:
-                continue
-            eids = {eid for eid, e in self._all(kind) if e.sources & bit}
-            flying = self._in_flight.get(kind.kind_id)
-            for eid, pending in flying.items() if flying else ():
-                result = pending.result
-                _toggle(eids, eid, result is not None and bool(result.sources & bit))
-            for eid, pending in self._accumulator.get(kind.kind_id, {}).items():
-                _toggle(eids, eid, bool(pending.sources & bit))  # the latest state wins
-            held.extend((kind, eid) for eid in eids)
+            if not kind.system or system:
+                held.extend((kind, eid) for eid in self._held_in(kind, bit))
         return held
+
+    def _held_in(self, kind: KindState, bit: int) -> set[bytes]:
+        """The ids of the entities of `kind` whose latest source set holds `bit`."""
+        eids = {eid for eid, e in self._all(kind) if e.sources & bit}
+        flying = self._in_flight.get(kind.kind_id)
+        for eid, pending in flying.items() if flying else ():
+            result = pending.result
+            _toggle(eids, eid, result is not None and bool(result.sources & bit))
+        for eid, pending in self._accumulator.get(kind.kind_id, {}).items():
+            _toggle(eids, eid, bool(pending.sources & bit))  # the latest state wins
+        return eids
 
     def retract_many(
         self, entities: list[tuple[KindState, bytes]], bit: int, cause: DeleteCause
@@ -297,6 +313,57 @@ class Engine:
         current window (hence one flush). Returns how many it actually retracted."""
         retracted = 0
         for kind, eid in entities:
+            if self.write_retract(kind, eid, bit, b"", cause):
+                retracted += 1
+        return retracted
+
+    def retract_everywhere(self, bit: int, cause: DeleteCause, *, system: bool) -> int:
+        """Retract `bit` from every entity that holds it (pending writes included), all into
+        the current window, as `retract_many(held_by(bit))` would; returns how many.
+
+        A liveness expiry retracts a dead source from everything it held, which may be most
+        of a kind. For in-memory kinds the entities that neither this window nor the flush
+        being committed touched (nearly all of them) get their pending entry made directly
+        from the committed state, in one pass over the table.
+        """
+        retracted = 0
+        for kind in list(self.catalog.by_id.values()):
+            if kind.system and not system:
+                continue
+            if kind.entities is None or kind.event_stream:
+                held = self._held_in(kind, bit)
+                retracted += self.retract_many([(kind, eid) for eid in held], bit, cause)
+            else:
+                retracted += self._retract_untouched(kind, kind.entities, bit, cause)
+        return retracted
+
+    def _retract_untouched(
+        self, kind: KindState, entities: dict[bytes, Entity], bit: int, cause: DeleteCause
+    ) -> int:
+        per_kind = self._accumulator.get(kind.kind_id)
+        if per_kind is None:
+            per_kind = self._accumulator[kind.kind_id] = {}
+            self._mark_dirty()
+        touched = {*per_kind, *self._in_flight.get(kind.kind_id, ())}
+        version = kind.schema_version
+        keep = ~bit
+        retracted = 0
+        for eid, base in entities.items():
+            if not base.sources & bit or eid in touched:
+                continue
+            sources = base.sources & keep
+            if not sources:
+                row = None
+            elif base.schema_version == version:
+                row = base.row
+            else:
+                row = kind.current_row(base)
+            pending = per_kind[eid] = Pending(base, row)
+            pending.sources = sources
+            pending.cause = cause
+            retracted += 1
+        self.writes[Opcode.RETRACT] += retracted
+        for eid in touched:  # their latest state decides
             if self.write_retract(kind, eid, bit, b"", cause):
                 retracted += 1
         return retracted
@@ -447,7 +514,7 @@ class Engine:
         write.kinds = [kind.stored() for kind in kinds.values()]
         self._take_removals(accumulator, write)
         write.source_deadlines, self._new_deadlines = self._new_deadlines, {}
-        if write.entities or write.kinds or write.removed or write.source_deadlines:
+        if write.logged or write.direct or write.kinds or write.removed or write.source_deadlines:
             self._in_flight = accumulator
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, self.store.commit, write)
@@ -476,7 +543,6 @@ class Engine:
         seq = self.seq + 1
         changes: list[Change] = []
         write = FlushWrite(seq)
-        records = write.entities
         changed = 0
         now_ms = int(time.time() * 1000)
         by_id = self.catalog.by_id
@@ -484,6 +550,9 @@ class Engine:
             kind = by_id[kind_id]
             version = kind.schema_version
             watched = kind.watchers > 0
+            records = write.logged if kind.entities is not None else write.direct
+            record = records.append
+            born = died = revived = 0
             for eid, pending in per_kind.items():
                 base = pending.base
                 sources = pending.sources
@@ -494,12 +563,11 @@ class Engine:
                     if base is None:
                         entity = Entity(row, 1, sources, seq, version, 0, 0)
                         what = ChangeKind.CREATED
-                        kind.alive += 1
+                        born += 1
                     elif not base.sources:
                         entity = Entity(row, base.version + 1, sources, seq, version, 0, 0)
                         what = ChangeKind.CREATED
-                        kind.alive += 1
-                        kind.tombstones -= 1
+                        revived += 1
                     else:
                         previous = (
                             base.row if base.schema_version == version else kind.current_row(base)
@@ -507,23 +575,27 @@ class Engine:
                         if row == previous:
                             if sources != base.sources:  # the source set alone: no version
                                 pending.result = base._replace(sources=sources)
-                                records.append((kind_id, eid, pending.result))
+                                record((kind_id, eid, pending.result))
                             continue
                         entity = Entity(row, base.version + 1, sources, seq, version, 0, 0)
                         what = ChangeKind.UPDATED
                 elif base is not None and base.sources:
                     entity = Entity(b"", base.version + 1, 0, seq, version, pending.cause, now_ms)
                     what = ChangeKind.DELETED
-                    kind.alive -= 1
-                    kind.tombstones += 1
-                    previous = kind.current_row(base)
+                    died += 1
+                    if watched:
+                        previous = (
+                            base.row if base.schema_version == version else kind.current_row(base)
+                        )
                 else:
                     continue
                 pending.result = entity
-                records.append((kind_id, eid, entity))
+                record((kind_id, eid, entity))
                 changed += 1
                 if watched:
                     changes.append(Change(kind, eid, what, entity, previous, pending.meta))
+            kind.alive += born + revived - died
+            kind.tombstones += died - revived
         if not changed:
             seq = self.seq
         write.seq = seq
@@ -533,10 +605,14 @@ class Engine:
         """Move the scheduled compactions into this flush, except for entities this window
         touched (a write re-created them; compaction will look again when they die again)."""
         removals, self._removals = self._removals, []
+        by_id = self.catalog.by_id
         for kind_id, eid, seq in removals:
             if eid in accumulator.get(kind_id, ()):
                 continue
-            write.removed.append((kind_id, eid))
+            now = self.committed(by_id[kind_id], eid)
+            if now is None or now.sources or now.seq != seq:
+                continue  # re-created (by a flush that was committing when compaction looked)
+            write.removed.append((kind_id, eid, by_id[kind_id].entities is not None))
             if seq > write.compacted_seq:
                 write.compacted_seq = seq
         if write.compacted_seq < self.compacted_seq:
@@ -546,13 +622,14 @@ class Engine:
         """Make a committed flush the state that queries see."""
         by_id = self.catalog.by_id
         tombstones = self._tombstones
-        for kind_id, eid, entity in write.entities:
-            entities = by_id[kind_id].entities
-            if entities is not None:
-                entities[eid] = entity
+        for kind_id, eid, entity in write.logged:
+            by_id[kind_id].entities[eid] = entity  # type: ignore[index]
             if not entity.sources and entity.deleted_at_ms:
                 tombstones.append((entity.deleted_at_ms, kind_id, eid))
-        for kind_id, eid in write.removed:
+        for kind_id, eid, entity in write.direct:
+            if not entity.sources and entity.deleted_at_ms:
+                tombstones.append((entity.deleted_at_ms, kind_id, eid))
+        for kind_id, eid, _ in write.removed:
             kind = by_id[kind_id]
             kind.tombstones -= 1
             if kind.entities is not None:

@@ -55,8 +55,7 @@ class Liveness:
         """The source is dead: retract its bit from every entity it holds, in one flush."""
         engine = self.server.engine
         bit = 1 << source_id
-        held = engine.held_by(bit, system=True)
-        retracted = engine.retract_many(held, bit, DeleteCause.LIVENESS)
+        retracted = engine.retract_everywhere(bit, DeleteCause.LIVENESS, system=True)
         self.expired_sources += 1
         log.info("source %d expired: retracted from %d entities", source_id, retracted)
 

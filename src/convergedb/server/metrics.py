@@ -47,6 +47,11 @@ class ServerCollector(Collector):
         yield rejected
         yield CounterMetricFamily("convergedb_flushes", "Flushes run.", value=engine.flushes)
         yield GaugeMetricFamily("convergedb_seq", "The last committed flush seq.", value=engine.seq)
+        yield GaugeMetricFamily(
+            "convergedb_log_backlog",
+            "Flushes in the store's log not yet checkpointed (replayed at start-up).",
+            value=server.store.log_backlog(),
+        )
         yield from self._kinds()
         yield from self._connections()
         yield from self._subscriptions()

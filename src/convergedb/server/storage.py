@@ -10,8 +10,18 @@ unless `fsync` is off). Layout, in named sub-databases:
 - `entities`: kind_id u16 (big-endian) + eid (32) -> version u64, sources u64, seq u64,
               schema_version u16, cause u8, deleted_at_ms u64, row
 - `sources`:  source_id u8 -> last declared liveness deadline ms u32
+- `log`:      position u64 (big-endian) -> the entity records of one flush of in-memory kinds
 
 Keys start with the big-endian kind id so that one kind's entities are contiguous.
+
+Why a log: a flush of in-memory kinds is made durable as ONE value appended to `log` (one
+B-tree insert at the end of the tree, fsync'd on commit) instead of one random B-tree update per
+entity. Random updates copy a page per touched entity and, worse, py-lmdb releases the GIL
+around each one, so a big flush would ping-pong the GIL with the event loop thousands of times.
+The checkpointer (`checkpoint.py`, its own process) moves log records into `entities` in the
+background; recovery loads `entities` and replays the records the checkpointer has not moved
+yet (meta b"checkpoint" is the last log position applied). Disk-backed kinds are read from
+`entities` on demand, so their flushes write there directly.
 """
 
 from __future__ import annotations
@@ -28,7 +38,9 @@ from ..schema.definition import decode_kind_definition, encode_kind_definition
 from ..schema.types import KindDef
 from .table import Entity
 
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+"""Format 1 had no log; a format-1 store is upgraded in place (an empty log)."""
+READABLE_FORMATS: Final = frozenset({1, 2})
 MAP_SIZE: Final = 1 << 40
 """Address space reserved for the map (the file grows as needed; 1 TiB is a ceiling)."""
 
@@ -41,6 +53,15 @@ _KIND_HEAD: Final = struct.Struct("<QB")
 _SEQ_KEY: Final = b"seq"
 _COMPACTED_KEY: Final = b"compacted_seq"
 _FORMAT_KEY: Final = b"format"
+_CHECKPOINT_KEY: Final = b"checkpoint"
+_CHECKPOINT: Final = struct.Struct("<QQ")
+_LOG_KEY: Final = struct.Struct(">Q")
+_LOG_HEAD: Final = struct.Struct("<H32sIQQQHBQ")
+"""A log record: kind id, eid, value length (DELETED: the entity was removed), then the entity
+value of `entities` (its head and row)."""
+_LOG_HEAD_SIZE: Final = _LOG_HEAD.size
+_LOG_VALUE_AT: Final = _LOG_HEAD_SIZE - _ENTITY_HEAD_SIZE
+_DELETED: Final = 0xFFFF_FFFF
 
 
 class StoreError(RuntimeError):
@@ -68,9 +89,12 @@ class FlushWrite:
     """Everything one flush makes durable, in one transaction."""
 
     seq: int
-    entities: list[tuple[int, bytes, Entity]] = field(default_factory=list)
-    removed: list[tuple[int, bytes]] = field(default_factory=list)
-    """Entities to delete (compacted tombstones)."""
+    logged: list[tuple[int, bytes, Entity]] = field(default_factory=list)
+    """New states of entities of in-memory kinds (appended to the log)."""
+    direct: list[tuple[int, bytes, Entity]] = field(default_factory=list)
+    """New states of entities of disk-backed kinds (written to `entities`)."""
+    removed: list[tuple[int, bytes, bool]] = field(default_factory=list)
+    """Entities to delete (compacted tombstones): (kind id, eid, whether its kind is logged)."""
     kinds: list[StoredKind] = field(default_factory=list)
     source_deadlines: dict[int, int] = field(default_factory=dict)
     compacted_seq: int = 0
@@ -128,6 +152,8 @@ class Store:
         self._kinds = self._env.open_db(b"kinds")
         self._entities = self._env.open_db(b"entities")
         self._sources = self._env.open_db(b"sources")
+        self._log = self._env.open_db(b"log")
+        self._log_position = self._last_log_position()
 
     def reopen(self) -> None:
         """Close and open the environment again: after the start-up load this unmaps the pages
@@ -138,13 +164,22 @@ class Store:
     def _check_format(self) -> None:
         with self._env.begin(write=True) as txn:
             stored = txn.get(_FORMAT_KEY, db=self._meta)
-            if stored is None:
-                txn.put(_FORMAT_KEY, _U32.pack(FORMAT_VERSION), db=self._meta)
-            elif _U32.unpack(stored)[0] != FORMAT_VERSION:
+            found = None if stored is None else _U32.unpack(stored)[0]
+            if found is not None and found not in READABLE_FORMATS:
                 raise StoreError(
-                    f"the data directory holds store format {_U32.unpack(stored)[0]}; "
-                    f"this server reads format {FORMAT_VERSION}"
+                    f"the data directory holds store format {found}; this server reads formats"
+                    f" {', '.join(map(str, sorted(READABLE_FORMATS)))}: use the server version"
+                    " that wrote it"
                 )
+            if found != FORMAT_VERSION:
+                txn.put(_FORMAT_KEY, _U32.pack(FORMAT_VERSION), db=self._meta)
+
+    def _last_log_position(self) -> int:
+        with self._env.begin() as txn:
+            cursor = txn.cursor(db=self._log)
+            if cursor.last():
+                return int(_LOG_KEY.unpack(cursor.key())[0])
+            return _checkpoint_of(txn.get(_CHECKPOINT_KEY, db=self._meta))[0]
 
     # reads ------------------------------------------------------------------------------------
 
@@ -212,6 +247,25 @@ class Store:
             value = txn.get(entity_key(kind_id, eid), db=self._entities)
             return None if value is None else decode_entity(value)
 
+    def replay_log(self) -> Iterator[tuple[int, bytes, Entity | None]]:
+        """Every log record the checkpointer has not moved into `entities` yet, oldest first:
+        (kind id, eid, the entity's new state, or None when it was removed)."""
+        with self._env.begin() as txn:
+            applied, offset = _checkpoint_of(txn.get(_CHECKPOINT_KEY, db=self._meta))
+            cursor = txn.cursor(db=self._log)
+            if not cursor.set_range(_LOG_KEY.pack(applied + 1)):
+                return
+            for blob in cursor.iternext(keys=False, values=True):
+                for kind_id, eid, value, _ in _log_records(blob, offset):
+                    yield kind_id, eid, None if value is None else decode_entity(value)
+                offset = 0
+
+    def log_backlog(self) -> int:
+        """How many flushes the log holds that the checkpointer has not wholly moved yet."""
+        with self._env.begin() as txn:
+            applied, _ = _checkpoint_of(txn.get(_CHECKPOINT_KEY, db=self._meta))
+        return self._log_position - applied
+
     def count_entities(self, kind_id: int) -> int:
         return sum(1 for _ in self.iter_entities(kind_id))
 
@@ -219,11 +273,16 @@ class Store:
 
     def commit(self, write: FlushWrite) -> None:
         """Make one flush durable: every change in one transaction (fsync'd on commit)."""
+        log = _encode_log(write) if write.logged or write.removed else None
         with self._env.begin(write=True) as txn:
-            if write.entities:
-                txn.cursor(db=self._entities).putmulti(_entity_items(write.entities))
-            for kind_id, eid in write.removed:
-                txn.delete(entity_key(kind_id, eid), db=self._entities)
+            if log:
+                position = self._log_position + 1
+                txn.put(_LOG_KEY.pack(position), log, db=self._log, append=True)
+            if write.direct:
+                txn.cursor(db=self._entities).putmulti(_entity_items(write.direct))
+            for kind_id, eid, logged in write.removed:
+                if not logged:
+                    txn.delete(entity_key(kind_id, eid), db=self._entities)
             for kind in write.kinds:
                 txn.put(_KIND_KEY.pack(kind.kind_id), _encode_kind(kind), db=self._kinds)
             for source_id, deadline in write.source_deadlines.items():
@@ -231,6 +290,60 @@ class Store:
             txn.put(_SEQ_KEY, _U64.pack(write.seq), db=self._meta)
             if write.removed:
                 txn.put(_COMPACTED_KEY, _U64.pack(write.compacted_seq), db=self._meta)
+        if log:
+            self._log_position = position
+
+    def checkpoint(self, max_records: int) -> int:
+        """Move the oldest `max_records` log records into `entities`; returns how many it moved
+        (0: the log is empty, or another checkpointer moved them first).
+
+        The records are read and merged (only each entity's last state, in key order) in a read
+        transaction, so that the write transaction, which holds LMDB's single write lock and
+        thereby any flush commit meanwhile, only writes. A big flush's log value is moved in
+        several transactions (the checkpoint remembers the offset reached inside it). Safe to
+        run from another process while a server writes.
+        """
+        with self._env.begin() as txn:
+            applied, offset = _checkpoint_of(txn.get(_CHECKPOINT_KEY, db=self._meta))
+            offset_read = offset
+            cursor = txn.cursor(db=self._log)
+            if not cursor.set_range(_LOG_KEY.pack(applied + 1)):
+                return 0
+            latest: dict[bytes, bytes | None] = {}
+            moved = 0
+            done, done_offset = applied, offset
+            for key, blob in cursor:
+                position = _LOG_KEY.unpack(key)[0]
+                reached = offset
+                for kind_id, eid, value, reached in _log_records(blob, offset):  # noqa: B007
+                    latest[_KIND_KEY.pack(kind_id) + eid] = value
+                    moved += 1
+                    if moved >= max_records:
+                        break
+                offset = 0
+                if reached == len(blob):
+                    done, done_offset = position, 0
+                else:
+                    done_offset = reached  # `done` stays before this value: partly moved
+                    break
+                if moved >= max_records:
+                    break
+        if not moved:
+            return 0
+        puts = sorted((k, v) for k, v in latest.items() if v is not None)
+        removed = sorted(k for k, v in latest.items() if v is None)
+        with self._env.begin(write=True) as txn:
+            if _checkpoint_of(txn.get(_CHECKPOINT_KEY, db=self._meta)) != (applied, offset_read):
+                return 0  # another checkpointer got there first: look again
+            txn.cursor(db=self._entities).putmulti(puts)
+            for key in removed:
+                txn.delete(key, db=self._entities)
+            cursor = txn.cursor(db=self._log)
+            if done > applied and cursor.set_range(_LOG_KEY.pack(applied + 1)):
+                while cursor.key() and _LOG_KEY.unpack(cursor.key())[0] <= done:
+                    cursor.delete()
+            txn.put(_CHECKPOINT_KEY, _CHECKPOINT.pack(done, done_offset), db=self._meta)
+        return moved
 
     @staticmethod
     def backup(data_dir: Path, destination: Path) -> None:
@@ -253,6 +366,42 @@ class Store:
     def close(self) -> None:
         """Close the environment (a clean shutdown; LMDB needs no recovery either way)."""
         self._env.close()
+
+
+def _encode_log(write: FlushWrite) -> bytes:
+    """The log value of a flush: a record per entity of an in-memory kind."""
+    pack = _LOG_HEAD.pack
+    parts = [
+        pack(k, eid, _ENTITY_HEAD_SIZE + len(e[0]), e[1], e[2], e[3], e[4], e[5], e[6]) + e[0]
+        for k, eid, e in write.logged
+    ]
+    for kind_id, eid, logged in write.removed:
+        if logged:
+            parts.append(pack(kind_id, eid, _DELETED, 0, 0, 0, 0, 0, 0))
+    return b"".join(parts)
+
+
+def _log_records(blob: bytes, at: int = 0) -> Iterator[tuple[int, bytes, bytes | None, int]]:
+    """(kind id, eid, the entity value or None when removed, the offset after the record) of
+    every record of a log value from offset `at`."""
+    unpack = _LOG_HEAD.unpack_from
+    end = len(blob)
+    while at < end:
+        kind_id, eid, size = unpack(blob, at)[:3]
+        start = at + _LOG_VALUE_AT
+        if size == _DELETED:
+            at += _LOG_HEAD_SIZE
+            yield kind_id, eid, None, at
+        else:
+            at = start + size
+            yield kind_id, eid, blob[start:at], at
+
+
+def _checkpoint_of(value: bytes | None) -> tuple[int, int]:
+    """(the last log position wholly moved, the offset reached inside the next one)."""
+    if value is None:
+        return 0, 0
+    return _CHECKPOINT.unpack(value)
 
 
 def _entity_items(entities: Iterable[tuple[int, bytes, Entity]]) -> list[tuple[bytes, bytes]]:

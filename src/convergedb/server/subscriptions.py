@@ -505,6 +505,14 @@ class SubscriptionHub:
                 "id, or UNSUBSCRIBE first",
                 op,
             )
+        limit = self.server.config.max_subscriptions
+        if len(box.subscriptions) >= limit:
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"this connection has {limit} live subscriptions, the most allowed "
+                "(--max-subscriptions): UNSUBSCRIBE one first",
+                op,
+            )
         return box
 
     # starting ------------------------------------------------------------------------------------
@@ -625,6 +633,10 @@ class SubscriptionHub:
                 count, tombstones = await self._count_delta(sub, since)
                 if sub.closed:
                     return
+                if self.engine.compacted_seq > since:
+                    # compaction removed a deletion newer than `since` while the count ran: a
+                    # delta could miss it, so this becomes a full bootstrap
+                    delta, mode, count, tombstones = False, BootstrapMode.FULL, kind.alive, {}
                 self._begin(sub, mode, count)
             sent = 0
             chunks = self._entity_chunks(kind, CHUNK)
@@ -640,6 +652,8 @@ class SubscriptionHub:
                 await asyncio.sleep(0)
             # tombstones the counting pass saw but compaction removed since: still deletions
             for eid, entity in tombstones.items():
+                if self.engine.committed(kind, eid) is not None:
+                    continue  # re-created since: its live changes tell the subscriber
                 box.add(prepare(_DELETED, deleted_payload(kind.kind_id, eid, entity, b"", b"")),
                         sub.sub_id, sub.crc)  # fmt: skip
                 sent += 1
