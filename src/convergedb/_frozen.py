@@ -31,12 +31,13 @@ def frozen_constructor(cls: type[T]) -> Callable[..., T]:
         A function of one positional argument per field; `cls` itself when the fast way does
         not apply (the call is then the plain constructor, with every field given).
     """
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    if not dataclasses.is_dataclass(cls):
+        return cls
+    fields = dataclasses.fields(cls)
     names = [f.name for f in fields]
     slots = getattr(cls, "__slots__", None)
     if (
-        not dataclasses.is_dataclass(cls)
-        or not cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+        not cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
         or hasattr(cls, "__post_init__")
         or not all(f.init for f in fields)
         or slots is None
@@ -45,9 +46,12 @@ def frozen_constructor(cls: type[T]) -> Callable[..., T]:
     ):
         return cls
     bases = getattr(cls, "__orig_bases__", cls.__bases__)
-    twin = types.new_class(
-        f"_Mutable{cls.__name__}", bases, exec_body=lambda ns: ns.update(__slots__=slots)
-    )
+    try:
+        twin = types.new_class(
+            f"_Mutable{cls.__name__}", bases, exec_body=lambda ns: ns.update(__slots__=slots)
+        )
+    except TypeError:  # e.g. a base that cannot be subclassed (a compiled class)
+        return cls
     arguments = ", ".join(names)
     stores = "".join(f"    self.{name} = {name}\n" for name in names)
     source = (

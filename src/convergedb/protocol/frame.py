@@ -157,9 +157,9 @@ class FrameReader:
     # --- internals ----------------------------------------------------------------------------
 
     def _awaiting_payload(self) -> bool:
-        # a method, not `self._pending is not None` inline: after a call that may reset it,
-        # a re-read of an attribute narrowed before the call is not re-checked by mypy, and
-        # mypyc (which compiles this module) would trust the stale narrowing
+        # a method, not `self._pending is not None` inline: mypy keeps the narrowing of an
+        # attribute across the call that may reset it, and mypyc (tried on this module, see
+        # docs/performance.md) compiles that stale narrowing into a failing type check
         return self._pending is not None
 
     def _split(self, view: memoryview, pos: int, frames: list[Frame]) -> None:
