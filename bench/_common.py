@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import queue
 import re
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -387,3 +389,28 @@ def query_statuses(conn: WireConnection, kind_id: int, ids: Sequence[int]) -> li
             left -= 1
         statuses.extend(s for s in found if s is not None)
     return statuses
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a server's admin port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def admin_get(host: str, port: int, path: str) -> bytes:
+    """GET an admin endpoint of a server started with --admin-port."""
+    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=30) as reply:
+        body: bytes = reply.read()
+    return body
+
+
+def wait_checkpointed(host: str, admin_port: int, timeout: float = 600.0) -> float:
+    """Wait until the server's checkpointer has moved its whole log into the entity table (it
+    works in the background after a load, on the other core); returns the seconds waited."""
+    started = time.perf_counter()
+    while json.loads(admin_get(host, admin_port, "/v1/status"))["log_backlog"]:
+        if time.perf_counter() - started > timeout:
+            raise RuntimeError(f"the checkpointer did not catch up in {timeout:.0f} s")
+        time.sleep(0.05)
+    return time.perf_counter() - started

@@ -44,9 +44,10 @@ Two phases per system, on one server each:
    Writes/s absorbed = writes / (first send -> last writer's last reply: SYNC answered, i.e.
    flushed and durable, on ConvergeDB; pipeline answered on Redis).
 After each phase a marker write tells when every mirror has caught up. CPU seconds are utime +
-stime (+ reaped children's: Redis forks to rewrite its AOF) from /proc/PID/stat, from the
-phase's start until the mirrors have caught up; resident memory is VmRSS (and the peak,
-VmHWM) at the end. "Notifications" are the live changes all subscribers received together.
+stime (+ children's: Redis forks to rewrite its AOF, ConvergeDB's checkpointer process does
+part of its work) from /proc/PID/stat, from the phase's start until the mirrors have caught
+up; resident memory is VmRSS (and the peak, VmHWM) at the end, children's included.
+"Notifications" are the live changes all subscribers received together.
 
 At the end each side's state is read back from its server (every entity's source set and
 fields) and checked against what the writers sent, and each mirror against it. A side that gets
@@ -722,8 +723,19 @@ def _redis_read_back(port: int, entities: int) -> dict[int, tuple[int, Canon | N
 # --- process figures --------------------------------------------------------------------------
 
 
+def live_children(pid: int) -> list[int]:
+    """The processes `pid` started that still run (ConvergeDB's checkpointer, a Redis fork)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
 def cpu_seconds(pid: int, children: bool = True) -> float:
-    """utime + stime (+ cutime + cstime: a forked child's work, once reaped) of a process."""
+    """utime + stime of a process, with `children`: plus its reaped children's (cutime +
+    cstime: a fork's work, once reaped) and its live children's (the checkpointer process of
+    ConvergeDB does part of the server's work)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
@@ -731,17 +743,25 @@ def cpu_seconds(pid: int, children: bool = True) -> float:
     ticks = int(fields[11]) + int(fields[12])
     if children:
         ticks += int(fields[13]) + int(fields[14])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    own = ticks / os.sysconf("SC_CLK_TCK")
+    if not children:
+        return own
+    return own + sum(cpu_seconds(child) for child in live_children(pid))
 
 
 def memory(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) in bytes."""
+    """(VmRSS, VmHWM) in bytes, of the process and its live children together."""
     figures = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         name, _, rest = line.partition(":")
         if name in ("VmRSS", "VmHWM"):
             figures[name] = int(rest.split()[0]) * 1024
-    return figures["VmRSS"], figures["VmHWM"]
+    rss, hwm = figures["VmRSS"], figures["VmHWM"]
+    for child in live_children(pid):
+        with contextlib.suppress(OSError, KeyError):
+            child_rss, child_hwm = memory(child)
+            rss, hwm = rss + child_rss, hwm + child_hwm
+    return rss, hwm
 
 
 # --- one system -------------------------------------------------------------------------------
@@ -856,7 +876,7 @@ class Run:
 def run_system(system: str, args: argparse.Namespace, workdir: Path) -> SystemResult:
     started = time.monotonic()
     if system == "cdb":
-        server = start_server(workdir / "data", "--window-ms", "20", "--fsync")
+        server = start_server(workdir / "data", "--window-ms", str(args.window_ms), "--fsync")
         pid, host, port, sha = server.process.pid, server.host, server.port, ""
         name, description = "ConvergeDB", "convergedb serve"
         stop: Callable[[], object] = server.stop
@@ -1114,6 +1134,44 @@ def print_table(title: str, rows: Sequence[Row], results: Sequence[SystemResult]
         print(line)
 
 
+def notification_rows(phase: int, better: str) -> list[Row]:
+    """The rows of a phase's notifications: the total (`better`: its hint, none where the
+    systems absorbed different numbers of writes) and per write, per mirror."""
+    return [
+        (
+            f"notifications delivered ({SUBSCRIBERS} mirrors)",
+            lambda r: r.phases[phase].notifications,
+            ",.0f",
+            better,
+        ),
+        (
+            "  per write, per mirror",
+            lambda r: r.phases[phase].notifications / SUBSCRIBERS / r.phases[phase].writes,
+            ".3f",
+            "down",
+        ),
+    ]
+
+
+def client_cpu_rows(phase: int, better: str) -> list[Row]:
+    """The rows of a phase's writer and subscriber CPU seconds (`better`: their hint, none
+    where the systems absorbed different numbers of writes)."""
+    return [
+        (
+            f"writer CPU seconds ({WRITERS} processes)",
+            lambda r: r.phases[phase].writer_cpu,
+            ",.2f",
+            better,
+        ),
+        (
+            f"subscriber CPU seconds ({SUBSCRIBERS} processes)",
+            lambda r: r.phases[phase].subscriber_cpu,
+            ",.2f",
+            better,
+        ),
+    ]
+
+
 def report(args: argparse.Namespace, results: list[SystemResult]) -> None:
     constant = [
         ("writes sent", lambda r: r.phases[0].writes, ",.0f", ""),
@@ -1122,18 +1180,7 @@ def report(args: argparse.Namespace, results: list[SystemResult]) -> None:
         ("  retracts", lambda r: r.phases[0].counts[RETRACT], ",.0f", ""),
         ("writes/s absorbed", lambda r: r.phases[0].rate, ",.0f", "up"),
         ("latest batch behind schedule (ms)", lambda r: r.phases[0].max_late_ms, ",.1f", "down"),
-        (
-            f"notifications delivered ({SUBSCRIBERS} mirrors)",
-            lambda r: r.phases[0].notifications,
-            ",.0f",
-            "down",
-        ),
-        (
-            "  per write, per mirror",
-            lambda r: r.phases[0].notifications / SUBSCRIBERS / r.phases[0].writes,
-            ".3f",
-            "down",
-        ),
+        *notification_rows(0, "down"),
         ("mirror latency p50 (ms)", lambda r: r.latency and r.latency.p50, ",.1f", "down"),
         ("mirror latency p99 (ms)", lambda r: r.latency and r.latency.p99, ",.1f", "down"),
         ("mirror latency p99.9 (ms)", lambda r: r.latency and r.latency.p999, ",.1f", "down"),
@@ -1145,34 +1192,12 @@ def report(args: argparse.Namespace, results: list[SystemResult]) -> None:
             "",
         ),
         ("server CPU seconds", lambda r: r.phases[0].server_cpu, ",.2f", "down"),
-        (
-            f"writer CPU seconds ({WRITERS} processes)",
-            lambda r: r.phases[0].writer_cpu,
-            ",.2f",
-            "down",
-        ),
-        (
-            f"subscriber CPU seconds ({SUBSCRIBERS} processes)",
-            lambda r: r.phases[0].subscriber_cpu,
-            ",.2f",
-            "down",
-        ),
+        *client_cpu_rows(0, "down"),
     ]
     saturation = [
         ("writes/s absorbed", lambda r: r.phases[1].rate, ",.0f", "up"),
         ("writes absorbed", lambda r: r.phases[1].writes, ",.0f", ""),
-        (
-            f"notifications delivered ({SUBSCRIBERS} mirrors)",
-            lambda r: r.phases[1].notifications,
-            ",.0f",
-            "",
-        ),
-        (
-            "  per write, per mirror",
-            lambda r: r.phases[1].notifications / SUBSCRIBERS / r.phases[1].writes,
-            ".3f",
-            "down",
-        ),
+        *notification_rows(1, ""),
         (
             "mirrors caught up after the last reply (s)",
             lambda r: r.phases[1].catch_up,
@@ -1186,13 +1211,7 @@ def report(args: argparse.Namespace, results: list[SystemResult]) -> None:
             ",.1f",
             "down",
         ),
-        (f"writer CPU seconds ({WRITERS} processes)", lambda r: r.phases[1].writer_cpu, ",.2f", ""),
-        (
-            f"subscriber CPU seconds ({SUBSCRIBERS} processes)",
-            lambda r: r.phases[1].subscriber_cpu,
-            ",.2f",
-            "",
-        ),
+        *client_cpu_rows(1, ""),
     ]
     resources = [
         ("server resident memory at the end (MiB)", lambda r: r.rss / 2**20, ",.1f", "down"),
@@ -1299,6 +1318,13 @@ def main() -> None:
         help="Redis's AOF fsync policy (always: as durable as ConvergeDB's fsync per flush)",
     )
     parser.add_argument("--only", choices=("cdb", "redis"), help="run one system only")
+    parser.add_argument(
+        "--window-ms",
+        type=int,
+        default=20,
+        help="ConvergeDB's coalescing window (the default 20; shorter: lower latency, less "
+        "coalescing)",
+    )
     args = parser.parse_args()
     args.seconds = args.seconds or (4.0 if args.quick else 15.0)
     args.saturation_seconds = args.saturation_seconds or (3.0 if args.quick else 8.0)
@@ -1319,8 +1345,8 @@ def main() -> None:
         f"({REPEAT_P:.0%} repeating the stored state) and {RETRACT_P:.0%} retracts; {BATCH} "
         f"writes per round trip, encoded before each phase's clock starts; {SUBSCRIBERS} "
         "subscriber processes each keeping a mirror of the kind",
-        "ConvergeDB": f"`convergedb serve` ({source_state()}), window 20 ms, fsync every "
-        "flush; SDK writers (client.batch) and Mirror subscribers",
+        "ConvergeDB": f"`convergedb serve` ({source_state()}), window {args.window_ms} ms, "
+        "fsync every flush; SDK writers (client.batch) and Mirror subscribers",
         "Redis": "a hash per entity, a Lua script per write (EVALSHA: source set, version, "
         f"dedup, tombstone), PUBLISH; {describe_settings(args.redis_appendfsync)}; "
         f"redis-py {redis.__version__}{hiredis} writers (pipelines) and subscribers "

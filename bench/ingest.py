@@ -23,7 +23,6 @@ import multiprocessing as mp
 import multiprocessing.synchronize as mps
 import os
 import queue
-import socket
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from _common import (
     ServerHandle,
     WireConnection,
     batch_frame,
+    free_port,
     percentile,
     player_row,
     source_state,
@@ -280,12 +280,6 @@ def run_once(args: argparse.Namespace, workdir: Path) -> RunResult:
     rtts = [rtt for o in outcomes for rtt in o.sync_rtts_ns]
     total = sum(o.asserts for o in outcomes)
     return RunResult(total, (end - start) / 1e9, rtts, cpu_after - cpu_before, buckets)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def flush_histogram(host: str, port: int) -> list[tuple[float, float]]:

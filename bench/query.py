@@ -1,7 +1,8 @@
 """Point-query latency over loopback, and the in-process table lookup alone.
 
 Method: a server (--no-fsync and a 1 s window, so the load is fast; neither matters to reads)
-is loaded with N entities of the 10-field kind in BATCH frames, then SYNCed. One read-only
+is loaded with N entities of the 10-field kind in BATCH frames, then SYNCed, and the bench waits
+until the checkpointer process has moved the log into the entity table (steady state). One read-only
 client on a blocking socket (TCP_NODELAY) sends pre-encoded QUERY frames over random ids one at
 a time: send, read the whole QUERY_RESULT frame, next. Each run times --queries queries after a
 warm-up; every reply is checked (ALIVE, right stream) after the clock stops. Percentiles are per
@@ -29,6 +30,7 @@ import convergedb as cdb
 from _common import (
     PLAYER,
     WireConnection,
+    free_port,
     load_entities,
     percentile,
     player_row,
@@ -36,6 +38,7 @@ from _common import (
     spread,
     start_server,
     verdict,
+    wait_checkpointed,
 )
 from convergedb.protocol import (
     ConnectMode,
@@ -109,10 +112,15 @@ def wire_runs(
 
 def measure_wire(args: argparse.Namespace, workdir: Path) -> tuple[list[dict[float, float]], ...]:
     """Load a server, then time QUERY and HEARTBEAT round trips."""
-    server = start_server(workdir / "data", "--no-fsync", "--window-ms", "1000")
+    admin_port = free_port()
+    server = start_server(
+        workdir / "data", "--no-fsync", "--window-ms", "1000", "--admin-port", str(admin_port)
+    )
     try:
         seconds = load_entities(server.host, server.port, args.entities)
         print(f"loaded {args.entities:,} entities in {seconds:.1f} s")
+        waited = wait_checkpointed(server.host, admin_port)
+        print(f"the checkpointer moved the log into the entity table {waited:.1f} s later")
         conn = WireConnection(server.host, server.port)
         conn.connect(ConnectMode.READ_ONLY, name="bench-query")
         kind_id = conn.request(GetKind(PLAYER.name), KindInfo).kind_id

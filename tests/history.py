@@ -12,26 +12,33 @@ etcd names them:
   each subscriber's stream, and a subscriber that received any change of a flush received every
   change of it that any subscriber saw, except where the specification allows less: the last
   flush before a lost connection (cut), and a change that was merged into a later change of the
-  same entity for a held or backed-up subscriber (or cancelled: created then deleted unseen).
+  same entity for a held or backed-up subscriber (or cancelled: created then deleted unseen). A
+  live deletion that interleaves with a delta bootstrap counts as received, though it is
+  recorded as one of the delta's tombstones (on the wire the two look alike).
 - **reliable**: one state per (entity, version) across every subscriber and every query, so no
   subscriber saw a state the server does not have; every state is one the writers produced (a
   test-supplied check); a write confirmed by SYNC at seq S shows in every state notified at a seq
-  of S or later; and each subscriber ends equal to the server's final state, read by QUERY.
+  of S or later; and each subscriber ends equal to the server's final state, read by QUERY
+  (except a LIVE_ONLY subscription that reconnected: it does not catch up, by definition).
 - **resumable**: every subscriber that reconnected with RESUME got a bootstrap back (a delta when
   nothing was compacted) and ends equal to the server too.
 
 Entities are assumed never re-created after their tombstone was compacted (the version would
 start again at 1); the workloads that compact never re-create.
 
-The module records and checks only: it does no I/O, so its rules are easy to read and to test.
+The records and the checks do no I/O, so their rules are easy to read and to test. The section
+at the end records a live run through the SDK (`Watcher`, `query`, `converge`), for the suites
+that run one: crash torture and network faults.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import enum
+import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,8 +48,12 @@ from convergedb import (
     BootstrapStarted,
     Change,
     ChangeType,
+    KindHandle,
+    QueryStatus,
     ReconnectMode,
     Resubscribed,
+    Subscription,
+    id_from_int,
 )
 
 Key = tuple[str, bytes]
@@ -480,12 +491,15 @@ def _complete(
             if eid in got:
                 continue
             key = (log.kind, eid)
+            # a live deletion that arrives while a delta bootstrap is under way looks like one
+            # of the delta's tombstones on the wire (so it is recorded as not live): received
+            delivered = seq in in_session.get(key, ())
             merged = any(s > seq for s in in_session.get(key, ()))
             cut = session.cut and (
                 seq == last or any(s > seq and s >= last for s in changed_at[key])
             )
             cancelled = change is ChangeType.CREATED and any(s > seq for s in deleted_at[key])
-            if not (merged or cut or cancelled):
+            if not (delivered or merged or cut or cancelled):
                 found.append(
                     f"{log.name} session {session.number}: flush {seq} arrived without its "
                     f"change of {eid.hex()[:16]} ({change.name}), which others received"
@@ -596,6 +610,8 @@ def check_final_views(logs: Iterable[SubscriberLog], final: dict[Key, State]) ->
 
 
 def _view_differences(log: SubscriberLog, final: dict[Key, State]) -> list[str]:
+    if log.mode is ReconnectMode.LIVE_ONLY and len(log.sessions) > 1:
+        return []  # it reconnected, and LIVE_ONLY does not catch up on what it missed
     return view_differences(log.name, log.kind, log.view, final)
 
 
@@ -650,4 +666,135 @@ def _who(seen: Seen) -> str:
     return (
         f"{seen.change.name} {seen.key[1].hex()[:16]} v{seen.version} seq {seen.seq} "
         f"session {seen.session}"
+    )
+
+
+# --- recording a live run ---------------------------------------------------------------------
+
+
+def key(kind: str, entity: int) -> Key:
+    """The entity `entity` (an int id) of `kind`."""
+    return (kind, id_from_int(entity))
+
+
+async def eventually(what: str, check: Callable[[], Awaitable[bool]], timeout: float) -> None:
+    """Wait until `check()` holds, asking again every 50 ms, or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Found:
+    """A QUERY result in the form the checks use."""
+
+    status: QueryStatus
+    version: int
+    source_set: int
+    value: Any
+
+    @property
+    def state(self) -> State | None:
+        if self.status is QueryStatus.NOT_FOUND:
+            return None
+        return State(self.version, self.value if self.status is QueryStatus.ALIVE else None)
+
+
+async def query(history: History, handle: KindHandle[Any], ids: Iterable[int]) -> dict[int, Found]:
+    """QUERY every id (concurrently), recording each result in the history."""
+    ids = list(ids)
+    results = await asyncio.gather(*(handle.query(i) for i in ids))
+    found = {}
+    for i, result in zip(ids, results, strict=True):
+        found[i] = Found(result.status, result.version, result.source_set, result.value)
+        history.observe_query(key(handle.name, i), found[i].state)
+    return found
+
+
+def alive_states(kind: str, found: dict[int, Found]) -> dict[Key, State]:
+    """The alive entities among QUERY results, as `History.check` takes the final state."""
+    return {
+        key(kind, entity): State(result.version, result.value)
+        for entity, result in found.items()
+        if result.status is QueryStatus.ALIVE
+    }
+
+
+class Watcher:
+    """A subscription to one kind, recording every item it yields into its log."""
+
+    def __init__(self, log: SubscriberLog) -> None:
+        self.log = log
+        self.subscription: Subscription[Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(
+        self, handle: KindHandle[Any], *, include_previous: bool = False, bootstrap: bool = True
+    ) -> None:
+        """Subscribe (returns once the server accepted) and record in the background."""
+        self.subscription = handle.subscribe(
+            mode=self.log.mode, include_previous=include_previous, bootstrap=bootstrap
+        )
+        await self.subscription.start()
+        self._task = asyncio.create_task(self._consume(self.subscription))
+
+    async def _consume(self, subscription: Subscription[Any]) -> None:
+        async for item in subscription:
+            self.log.record(item)
+
+    @property
+    def settled(self) -> bool:
+        """Nothing queued, no bootstrap under way, the consumer alive."""
+        assert self._task is not None and self.subscription is not None
+        if self._task.done():
+            self._task.result()  # raises what the consumer died of
+            raise AssertionError(f"{self.log.name} stopped consuming")
+        return not self.subscription.pending and not self.log.bootstrapping
+
+    async def close(self) -> None:
+        if self.subscription is not None:
+            await self.subscription.close()
+        if self._task is not None:
+            await self._task
+
+
+async def converge(watchers: list[Watcher], final: dict[Key, State], timeout: float) -> None:
+    """Wait until every watcher's view equals the server's final state (its differences are
+    listed when it does not within `timeout` s)."""
+    logs = [w.log for w in watchers]
+
+    async def equal() -> bool:
+        return all(w.settled for w in watchers) and views_equal(logs, final)
+
+    try:
+        await eventually("the subscribers reach the server's state", equal, timeout)
+    except AssertionError as exc:
+        differences = check_final_views(logs, final)
+        raise AssertionError(f"{exc}\n" + "\n".join(differences[:20])) from None
+
+
+# --- histories made by hand, for the tests of the checks -------------------------------------
+
+
+def change(kind: ChangeType, entity: int, version: int, seq: int, value: Any = 1) -> Any:
+    """A notification of entity `entity` of kind "k" (source set 1)."""
+    deleted = kind is ChangeType.DELETED
+    return Change(kind, id_from_int(entity), None if deleted else value, version, 1, 1, seq)
+
+
+def recorded(
+    history: History, name: str, *items: Any, mode: ReconnectMode = ReconnectMode.RESUME
+) -> SubscriberLog:
+    """A subscriber of kind "k" that received `items`."""
+    log = history.subscriber(name, "k", mode)
+    for item in items:
+        log.record(item)
+    return log
+
+
+def checked(history: History, final: dict[Key, State], *, delta: bool = True) -> Report:
+    """The report on a history whose every state and contribution passes."""
+    return history.check(
+        final, state_ok=lambda *_: None, contribution=lambda *_: None, delta_resumes=delta
     )

@@ -113,23 +113,6 @@ KIND_DEFS = (
 
 # --- what PROTOCOL.md says, as tables ------------------------------------------------------
 
-REQUESTS = frozenset(
-    {
-        Opcode.CONNECT,
-        Opcode.QUERY,
-        Opcode.SUBSCRIBE,
-        Opcode.UNSUBSCRIBE,
-        Opcode.SOURCE_EPOCH_BEGIN,
-        Opcode.SOURCE_EPOCH_END,
-        Opcode.SYNC,
-        Opcode.SUBSCRIBE_EVENTS,
-        Opcode.CREATE_KIND,
-        Opcode.GET_KIND,
-        Opcode.LIST_KINDS,
-    }
-)
-WRITES = frozenset({Opcode.ASSERT, Opcode.RETRACT, Opcode.PATCH, Opcode.BATCH})
-CLIENT_OPCODES = REQUESTS | WRITES | {Opcode.HEARTBEAT}
 REPLIES: dict[int, frozenset[Opcode]] = {
     Opcode.CONNECT: frozenset({Opcode.ERROR}),  # once connected
     Opcode.QUERY: frozenset({Opcode.QUERY_RESULT}),
@@ -145,6 +128,11 @@ REPLIES: dict[int, frozenset[Opcode]] = {
     Opcode.HEARTBEAT: frozenset({Opcode.PONG}),
 }
 """The reply of each request (an ERROR is allowed too, with the codes below)."""
+REQUESTS = frozenset(REPLIES) - {Opcode.HEARTBEAT}
+"""The opcodes that need a reply, hence a non-zero stream id (a HEARTBEAT on stream 0 is
+answered by nothing)."""
+WRITES = frozenset({Opcode.ASSERT, Opcode.RETRACT, Opcode.PATCH, Opcode.BATCH})
+CLIENT_OPCODES = REQUESTS | WRITES | {Opcode.HEARTBEAT}
 E = ErrorCode
 REQUEST_ERRORS: dict[int, frozenset[ErrorCode]] = {
     Opcode.CONNECT: frozenset({E.MALFORMED, E.ALREADY_CONNECTED}),

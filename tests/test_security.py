@@ -59,17 +59,13 @@ from convergedb.protocol.frame import encode_header
 from convergedb.schema.types import Field, FieldType, KindDef
 from kinds import PLAYER, Player
 from server_fixture import ServerProcess, running_server
-from wire_client import WireClient
+from wire_client import WireClient, open_client
 
 LONG = os.environ.get("CONVERGEDB_TORTURE") == "long"
 ROW = PLAYER.encode(Player(name="kept", hp=7))
 TOKENS = ("--token", "admin:root", "--token", "writer:w12:1,2", "--token", "reader:look")
 EVENTS = KindDef("security_events", (Field(0, "n", FieldType.U32),), event_stream=True)
 MiB = 1024 * 1024
-
-
-async def open_client(server: ServerProcess) -> WireClient:
-    return await WireClient.open(server.host, server.port)
 
 
 async def connected(server: ServerProcess, mode: ConnectMode, **fields: object) -> WireClient:

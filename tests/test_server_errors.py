@@ -36,13 +36,9 @@ from convergedb.protocol.frame import encode_header
 from convergedb.schema.types import Field, FieldType, KindDef
 from kinds import PLAYER, Player
 from server_fixture import ServerProcess, running_server
-from wire_client import WireClient
+from wire_client import WireClient, open_client
 
 ROW = PLAYER.encode(Player(name="ok", hp=1))
-
-
-async def open_client(server: ServerProcess) -> WireClient:
-    return await WireClient.open(server.host, server.port)
 
 
 async def writer_with_kind(server: ServerProcess, source_id: int) -> tuple[WireClient, int]:

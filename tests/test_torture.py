@@ -58,14 +58,21 @@ from convergedb.protocol import (
     Unsubscribe,
 )
 from history import (
+    Found,
     History,
     Key,
     Op,
     State,
-    SubscriberLog,
+    Watcher,
     Write,
-    check_final_views,
-    views_equal,
+    alive_states,
+    change,
+    checked,
+    converge,
+    eventually,
+    key,
+    query,
+    recorded,
 )
 from kinds import Player
 from server_fixture import ServerProcess
@@ -124,64 +131,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def eventually(what: str, check: Callable[[], Awaitable[bool]], timeout: float) -> None:
-    """Wait until `check()` holds, asking again every 50 ms, or fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        await asyncio.sleep(0.05)
-
-
 # --- the rig: a server, its clients, the recorded history ------------------------------------
-
-
-@dataclass
-class Found:
-    """A QUERY result in the form the checks use."""
-
-    status: QueryStatus
-    version: int
-    source_set: int
-    value: Any
-
-    @property
-    def state(self) -> State | None:
-        if self.status is QueryStatus.NOT_FOUND:
-            return None
-        return State(self.version, self.value if self.status is QueryStatus.ALIVE else None)
-
-
-class Watcher:
-    """A read-only client subscribed to one kind, recording every item into the history."""
-
-    def __init__(self, log: SubscriberLog) -> None:
-        self.log = log
-        self.subscription: cdb.Subscription[Any] | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self, handle: cdb.KindHandle[Any], *, include_previous: bool) -> None:
-        self.subscription = handle.subscribe(mode=self.log.mode, include_previous=include_previous)
-        await self.subscription.start()
-        self._task = asyncio.create_task(self._consume(self.subscription))
-
-    async def _consume(self, subscription: cdb.Subscription[Any]) -> None:
-        async for item in subscription:
-            self.log.record(item)
-
-    @property
-    def settled(self) -> bool:
-        """Nothing queued, no bootstrap under way, the consumer alive."""
-        assert self._task is not None and self.subscription is not None
-        if self._task.done():
-            self._task.result()  # raises what the consumer died of
-            raise AssertionError(f"{self.log.name} stopped consuming")
-        return not self.subscription.pending and not self.log.bootstrapping
-
-    async def close(self) -> None:
-        if self.subscription is not None:
-            await self.subscription.close()
-        if self._task is not None:
-            await self._task
 
 
 class Rig:
@@ -252,27 +202,11 @@ class Rig:
 
     async def query(self, handle: cdb.KindHandle[Any], ids: Iterable[int]) -> dict[int, Found]:
         """QUERY every id (concurrently), recording each result in the history."""
-        ids = list(ids)
-        results = await asyncio.gather(*(handle.query(i) for i in ids))
-        found = {}
-        for i, result in zip(ids, results, strict=True):
-            found[i] = Found(result.status, result.version, result.source_set, result.value)
-            self.history.observe_query(key(handle.name, i), found[i].state)
-        return found
+        return await query(self.history, handle, ids)
 
     async def converge(self, final: dict[Key, State]) -> None:
         """Wait until every watcher's view equals the server's final state."""
-
-        logs = [w.log for w in self.watchers]
-
-        async def equal() -> bool:
-            return all(w.settled for w in self.watchers) and views_equal(logs, final)
-
-        try:
-            await eventually("the subscribers reach the server's state", equal, CONVERGE_TIMEOUT)
-        except AssertionError as exc:
-            differences = check_final_views(logs, final)
-            raise AssertionError(f"{exc}\n" + "\n".join(differences[:20])) from None
+        await converge(self.watchers, final, CONVERGE_TIMEOUT)
 
     async def close(self) -> None:
         for watcher in self.watchers:
@@ -282,10 +216,6 @@ class Rig:
         if self.server.running:
             await self.server.stop()
         assert_clean_log(self.server.stderr_path.read_text(errors="replace"), self.server)
-
-
-def key(kind: str, entity: int) -> Key:
-    return (kind, id_from_int(entity))
 
 
 def assert_clean_log(text: str, server: ServerProcess) -> None:
@@ -802,14 +732,6 @@ async def restart_and_check(
     assert not complaints, f"after kill {rig.kills}:\n" + "\n".join(complaints[:20])
 
 
-def alive_states(kind: str, found: dict[int, Found]) -> dict[Key, State]:
-    return {
-        key(kind, entity): State(result.version, result.value)
-        for entity, result in found.items()
-        if result.status is QueryStatus.ALIVE
-    }
-
-
 async def query_items(
     rig: Rig, items: cdb.KindHandle[Item], crowd: Crowd
 ) -> tuple[dict[int, Found], set[int]]:
@@ -1156,24 +1078,6 @@ def check_expired(found: dict[int, Found], shared: int) -> None:
 
 
 # --- the checks themselves catch what they are meant to catch ---------------------------------
-
-
-def change(kind: cdb.ChangeType, entity: int, version: int, seq: int, value: Any = 1) -> Any:
-    return cdb.Change(kind, id_from_int(entity), None if kind is cdb.ChangeType.DELETED else value,
-                      version, 1, 1, seq)  # fmt: skip
-
-
-def recorded(history: History, name: str, *items: Any) -> SubscriberLog:
-    log = history.subscriber(name, "k", ReconnectMode.RESUME)
-    for item in items:
-        log.record(item)
-    return log
-
-
-def checked(history: History, final: dict[Key, State], *, delta: bool = True) -> Any:
-    return history.check(
-        final, state_ok=lambda *_: None, contribution=lambda *_: None, delta_resumes=delta
-    )
 
 
 UPDATED, CREATED, DELETED = cdb.ChangeType.UPDATED, cdb.ChangeType.CREATED, cdb.ChangeType.DELETED

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from convergedb.protocol import (
     Connect,
@@ -25,6 +25,9 @@ from convergedb.protocol import (
     decode_message,
     encode_message,
 )
+
+if TYPE_CHECKING:
+    from server_fixture import ServerProcess
 
 TIMEOUT = 10.0
 OPEN: list[WireClient] = []
@@ -118,6 +121,11 @@ class WireClient:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+
+async def open_client(server: ServerProcess) -> WireClient:
+    """A new, not yet connected client of `server`."""
+    return await WireClient.open(server.host, server.port)
 
 
 async def close_all() -> None:

@@ -654,6 +654,32 @@ _U32_UNPACK: Final = U32.unpack_from
 _U16_UNPACK: Final = U16.unpack_from
 
 
+def _fast_tail(payload: BytesLike, pos: int) -> tuple[bytes, bytes, bytes] | None:
+    """The hot paths' end of a STATE or DELETED: `previous` (a u32 length at `pos`), then
+    nothing or the meta (a u16 length), ending exactly at the payload's end.
+
+    Returns (the payload as bytes, previous, meta), or None when the spans do not fit, and
+    the caller's general path must say what is wrong.
+    """
+    end = len(payload)
+    previous_start = pos + 4
+    if previous_start > end:
+        return None
+    (previous_size,) = _U32_UNPACK(payload, pos)
+    previous_end = previous_start + previous_size
+    if previous_end != end:
+        meta_start = previous_end + 2
+        if meta_start > end or meta_start + _U16_UNPACK(payload, previous_end)[0] != end:
+            return None
+    # one copy of the payload, then slices of it: cheaper than copies of memoryview slices
+    data = payload.tobytes() if payload.__class__ is memoryview else _as_bytes(payload)
+    return (
+        data,
+        data[previous_start:previous_end] if previous_size else b"",
+        data[previous_end + 2 :] if previous_end != end else b"",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class State(Message):
     """STATE: an entity was created, updated, or is sent by a bootstrap."""
@@ -687,8 +713,8 @@ class State(Message):
 
     @classmethod
     def decode(cls, payload: BytesLike) -> Self:
-        # The subscriber's hot path: one unpack, the spans checked inline, no helper calls and
-        # no frozen-dataclass __init__. Anything unusual (a short payload, an undefined type, a
+        # The subscriber's hot path: one unpack, the spans checked by `_fast_tail`, and no
+        # frozen-dataclass __init__. Anything unusual (a short payload, an undefined type, a
         # subclass) takes the general path, which says what is wrong.
         try:
             kind_id, eid, change, version, source_set, changed, seq, size = _STATE_UNPACK(
@@ -697,19 +723,11 @@ class State(Message):
             change_type = _CHANGE_TYPES[change]
         except (struct.error, KeyError):
             return cls._decode(payload)
-        end = len(payload)
         data_end = _STATE_SIZE + size
-        previous_start = data_end + 4
-        if previous_start > end or cls is not State:
+        tail = _fast_tail(payload, data_end) if cls is State else None
+        if tail is None:
             return cls._decode(payload)
-        (previous_size,) = _U32_UNPACK(payload, data_end)
-        previous_end = previous_start + previous_size
-        if previous_end != end:
-            meta_start = previous_end + 2
-            if meta_start > end or meta_start + _U16_UNPACK(payload, previous_end)[0] != end:
-                return cls._decode(payload)
-        # one copy of the payload, then slices of it: cheaper than copies of memoryview slices
-        data = payload.tobytes() if payload.__class__ is memoryview else _as_bytes(payload)
+        data, previous, meta = tail
         state: Self = _new_state(
             kind_id,
             eid,
@@ -719,8 +737,8 @@ class State(Message):
             changed,
             seq,
             data[_STATE_SIZE:data_end],
-            data[previous_start:previous_end] if previous_size else b"",
-            data[previous_end + 2 :] if previous_end != end else b"",
+            previous,
+            meta,
         )
         return state
 
@@ -784,26 +802,11 @@ class Deleted(Message):
             delete_cause = _DELETE_CAUSES[cause]
         except (struct.error, KeyError):
             return cls._decode(payload)
-        end = len(payload)
-        previous_start = _DELETED_SIZE + 4
-        if previous_start > end or cls is not Deleted:
+        tail = _fast_tail(payload, _DELETED_SIZE) if cls is Deleted else None
+        if tail is None:
             return cls._decode(payload)
-        (previous_size,) = _U32_UNPACK(payload, _DELETED_SIZE)
-        previous_end = previous_start + previous_size
-        if previous_end != end:
-            meta_start = previous_end + 2
-            if meta_start > end or meta_start + _U16_UNPACK(payload, previous_end)[0] != end:
-                return cls._decode(payload)
-        data = payload.tobytes() if payload.__class__ is memoryview else _as_bytes(payload)
-        deleted: Self = _new_deleted(
-            kind_id,
-            eid,
-            version,
-            seq,
-            delete_cause,
-            data[previous_start:previous_end] if previous_size else b"",
-            data[previous_end + 2 :] if previous_end != end else b"",
-        )
+        _, previous, meta = tail
+        deleted: Self = _new_deleted(kind_id, eid, version, seq, delete_cause, previous, meta)
         return deleted
 
     @classmethod
