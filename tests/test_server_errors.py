@@ -316,6 +316,32 @@ async def test_a_bad_batch_sub_operation_is_rejected_alone(server: ServerProcess
         assert isinstance(result, QueryResult) and result.status is status
 
 
+async def test_batch_asserts_of_an_unknown_kind_are_rejected_one_by_one(
+    server: ServerProcess,
+) -> None:
+    """The BATCH fast path checks each kind id change: two ASSERTs of an unknown kind between
+    good ones, an ASSERT with meta after them (the general path) -- each decided alone."""
+    client, kind = await writer_with_kind(server, 1)
+    ops = [
+        Assert(kind, id_from_int(1), ROW),
+        Assert(999, id_from_int(2), ROW),
+        Assert(999, id_from_int(3), ROW),
+        Assert(kind, id_from_int(4), ROW),
+        Assert(kind, id_from_int(5), ROW, b"meta"),
+    ]
+    payload = struct.pack("<I", len(ops))
+    for op in ops:
+        body = op.encode()
+        payload += struct.pack("<BI", Opcode.ASSERT, len(body)) + body
+    client.send_raw(encode_frame(Opcode.BATCH, 0, payload))
+    await client.expect_async_error(ErrorCode.UNKNOWN_KIND, Opcode.ASSERT)
+    await client.expect_async_error(ErrorCode.UNKNOWN_KIND, Opcode.ASSERT)
+    await client.sync()
+    for eid in (1, 4, 5):
+        result = await client.request(Query(kind, id_from_int(eid)))
+        assert isinstance(result, QueryResult) and result.status is QueryStatus.ALIVE
+
+
 async def test_a_batch_that_overruns_keeps_the_operations_before_it(server: ServerProcess) -> None:
     client, kind = await writer_with_kind(server, 1)
     body = Assert(kind, id_from_int(1), ROW).encode()

@@ -1,14 +1,16 @@
 """The write engine: the accumulator, the flush, and the committed state.
 
-Writes do not touch the committed state. Each updates the accumulator: the pending next state of
-the entity it names, taken from the committed state at its first touch in the window. Every
-coalescing window the engine flushes: it swaps in an empty accumulator (new writes keep
-arriving), computes each touched entity's net change against the committed state, commits the
-whole flush in one store transaction on the store's thread, then applies it to the in-memory
-tables and hands the changes to the listeners (subscriptions), in that order.
+Writes do not touch the committed state. Each updates the accumulator: one entry per touched
+entity recording what this window's writes did to it (the last row, which source bits were set
+and cleared), without looking at the committed state. Every coalescing window the engine
+flushes: it swaps in an empty accumulator (new writes keep arriving), computes each touched
+entity's net change against the committed state, commits the whole flush in one store
+transaction on the store's thread, then applies it to the in-memory tables and hands the
+changes to the listeners (subscriptions), in that order. Flushes run one after another, so the
+committed state a flush computes against includes every flush before it.
 
-While a flush is being committed its results are the "in-flight" state: a write that touches an
-entity of the in-flight flush starts from that state, because it is what will be committed.
+While a flush is being committed its results are the "in-flight" state: the few writes that
+must know whether a source holds an entity now (RETRACT, PATCH, epochs) look there first.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from enum import IntEnum
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from ..protocol.codes import DeleteCause, EventCause, Opcode
 from ..schema.patch import apply_patch
@@ -82,24 +84,27 @@ class Event(NamedTuple):
     meta: bytes
 
 
-class Pending:
-    """The pending next state of one entity within the current window."""
+# An accumulator entry: what this window's writes did to one entity, as a list (made per write,
+# so as cheap as Python can make an object): [row, set, clear, meta, cause, result].
+# - row: the last asserted or patched row, as the current schema version (None if no source
+#   asserted or patched it in this window: the row stays as committed);
+# - set / clear: the source bits whose latest write in this window asserts / retracts it;
+#   the flush computes sources = (committed sources & ~clear) | set;
+# - meta: the last write's metadata; cause: the DeleteCause of its last effective retract;
+# - result: the state the flush computed for it, set while that flush commits (None: as
+#   committed).
+# The committed state is looked up when the flush computes, not at the write: the flush before
+# has committed by then, so no write needs the state of a flush in flight (the slow paths that
+# ask "does this source hold it now?" look through `_latest`).
+_ROW, _SET, _CLEAR, _META, _CAUSE, _RESULT = range(6)
+Entry = list[Any]
+_RETRACTED: Final = DeleteCause.RETRACTED
+_ASSERT_OP: Final = int(Opcode.ASSERT)
+_PATCH_OP: Final = int(Opcode.PATCH)
+_RETRACT_OP: Final = int(Opcode.RETRACT)
 
-    __slots__ = ("base", "cause", "meta", "result", "row", "sources")
 
-    def __init__(self, base: Entity | None, row: bytes | None) -> None:
-        self.base = base
-        """The committed state at the first touch (None if the entity did not exist)."""
-        self.result = base
-        """The state the flush of this window commits (set by the flush)."""
-        self.row = row
-        """The pending row, as the current schema version; None while no source asserts it."""
-        self.sources = 0 if base is None else base.sources
-        self.meta = b""
-        self.cause = DeleteCause.RETRACTED
-
-
-Accumulator = dict[int, dict[bytes, Pending]]
+Accumulator = dict[int, dict[bytes, Entry]]
 CommitListener = Callable[[int, list[Change]], None]
 EventListener = Callable[[list[Event]], None]
 
@@ -129,8 +134,9 @@ class Engine:
         """(deleted_at_ms, kind_id, eid) of every tombstone, oldest first, for compaction."""
         self._removals: list[tuple[int, bytes, int]] = []
         """(kind_id, eid, seq) of tombstones compaction chose, removed by the next flush."""
-        self.writes: dict[int, int] = {Opcode.ASSERT: 0, Opcode.PATCH: 0, Opcode.RETRACT: 0}
-        """Writes applied, by opcode (synthesised retracts included)."""
+        self.asserts = 0
+        self.patches = 0
+        self.retracts = 0
         self.flushes = 0
         self.compacted_seq = store.load_compacted_seq()
         """The highest seq of a tombstone that compaction removed: a RESUME from an older seq
@@ -204,31 +210,30 @@ class Engine:
             return entities.get(eid)
         return self.store.get_entity(kind.kind_id, eid)
 
-    def _pending(self, kind: KindState, eid: bytes) -> Pending:
-        """The entity's pending entry, made from its in-flight or committed state at the first
-        touch in this window."""
+    def _latest(self, kind: KindState, eid: bytes) -> Entity | None:
+        """The state the entity will have when this window's flush computes: the result of the
+        flush being committed if it touched the entity, else the committed state."""
+        flying = self._in_flight.get(kind.kind_id) if self._in_flight else None
+        entry = None if flying is None else flying.get(eid)
+        if entry is not None and entry[_RESULT] is not None:
+            return entry[_RESULT]  # type: ignore[no-any-return]
+        return self.committed(kind, eid)
+
+    def _per_kind(self, kind: KindState) -> dict[bytes, Entry]:
+        """This window's entries of a kind (made, and the flush woken, at the first write)."""
         per_kind = self._accumulator.get(kind.kind_id)
         if per_kind is None:
             per_kind = self._accumulator[kind.kind_id] = {}
             self._mark_dirty()
-        pending = per_kind.get(eid)
-        if pending is not None:
-            return pending
-        flying = self._in_flight.get(kind.kind_id) if self._in_flight else None
-        committing = None if flying is None else flying.get(eid)
-        if committing is not None:
-            base = committing.result
-        elif kind.entities is not None:
-            base = kind.entities.get(eid)
-        else:
-            base = self.store.get_entity(kind.kind_id, eid)
-        if base is None or not base.sources:
-            pending = per_kind[eid] = Pending(base, None)
-        elif base.schema_version == kind.schema_version:
-            pending = per_kind[eid] = Pending(base, base.row)
-        else:
-            pending = per_kind[eid] = Pending(base, kind.current_row(base))
-        return pending
+        return per_kind
+
+    def _sources_now(self, kind: KindState, eid: bytes, entry: Entry | None) -> int:
+        """The entity's source set after the writes this window has taken so far."""
+        latest = self._latest(kind, eid)
+        sources = 0 if latest is None else latest.sources
+        if entry is None:
+            return sources
+        return (sources & ~entry[_CLEAR]) | entry[_SET]  # type: ignore[no-any-return]
 
     def write_assert(self, kind: KindState, eid: bytes, row: bytes, bit: int, meta: bytes) -> None:
         """ASSERT: the source of `bit` says the entity is exactly `row` (validated here)."""
@@ -236,28 +241,45 @@ class Engine:
         if not codec.is_valid(row):
             codec.validate(row)  # raises, naming the field at fault
         per_kind = self._accumulator.get(kind.kind_id)
-        pending = None if per_kind is None else per_kind.get(eid)
-        if pending is None:
-            pending = self._pending(kind, eid)
-        pending.row = row
-        pending.sources |= bit
-        pending.meta = meta
-        self.writes[Opcode.ASSERT] += 1
+        if per_kind is None:
+            per_kind = self._per_kind(kind)
+        entry = per_kind.get(eid)
+        if entry is None:
+            per_kind[eid] = [row, bit, 0, meta, _RETRACTED, None]
+        else:
+            entry[0] = row  # the layout of Entry, inline: this is the hottest write
+            entry[1] |= bit
+            entry[2] &= ~bit
+            entry[3] = meta
+        self.asserts += 1
         if kind.event_stream:
-            self._record(kind, bit, Opcode.ASSERT, EventCause.CLIENT_WRITE, eid, 0, row, meta)
+            self._record(kind, bit, _ASSERT_OP, EventCause.CLIENT_WRITE, eid, 0, row, meta)
 
     def write_patch(
         self, kind: KindState, eid: bytes, mask: int, values: bytes, bit: int, meta: bytes
     ) -> None:
         """PATCH: set the fields of `mask`; a missing or dead entity starts from zero values."""
-        pending = self._pending(kind, eid)
-        base_row = pending.row if pending.row is not None else kind.codec.zero_row
-        pending.row = apply_patch(kind.codec, base_row, mask, values)
-        pending.sources |= bit
-        pending.meta = meta
-        self.writes[Opcode.PATCH] += 1
+        per_kind = self._per_kind(kind)
+        entry = per_kind.get(eid)
+        if not self._sources_now(kind, eid, entry):
+            base_row = kind.codec.zero_row
+        elif entry is not None and entry[_ROW] is not None:
+            base_row = entry[_ROW]
+        else:
+            latest = self._latest(kind, eid)
+            assert latest is not None
+            base_row = kind.current_row(latest)
+        row = apply_patch(kind.codec, base_row, mask, values)
+        if entry is None:
+            per_kind[eid] = [row, bit, 0, meta, _RETRACTED, None]
+        else:
+            entry[_ROW] = row
+            entry[_SET] |= bit
+            entry[_CLEAR] &= ~bit
+            entry[_META] = meta
+        self.patches += 1
         if kind.event_stream:
-            self._record(kind, bit, Opcode.PATCH, EventCause.CLIENT_WRITE, eid, mask, values, meta)
+            self._record(kind, bit, _PATCH_OP, EventCause.CLIENT_WRITE, eid, mask, values, meta)
 
     def write_retract(
         self,
@@ -272,19 +294,27 @@ class Engine:
         `cause` says who retracts: the client, or the server at an epoch end or a liveness
         expiry (the cause of the tombstone and of the event).
         """
-        pending = self._pending(kind, eid)
-        self.writes[Opcode.RETRACT] += 1
-        asserted = bool(pending.sources & bit)
+        per_kind = self._per_kind(kind)
+        entry = per_kind.get(eid)
+        self.retracts += 1
+        asserted = bool(self._sources_now(kind, eid, entry) & bit)
         if kind.event_stream and (asserted or cause is DeleteCause.RETRACTED):
-            self._record(kind, bit, Opcode.RETRACT, _EVENT_CAUSE[cause], eid, 0, b"", meta)
+            self._record(kind, bit, _RETRACT_OP, _EVENT_CAUSE[cause], eid, 0, b"", meta)
         if not asserted:
             return False
-        pending.sources &= ~bit
-        pending.meta = meta
-        if not pending.sources:
-            pending.row = None
-            pending.cause = cause
+        if entry is None:
+            per_kind[eid] = [None, 0, bit, meta, cause, None]
+        else:
+            entry[_SET] &= ~bit
+            entry[_CLEAR] |= bit
+            entry[_META] = meta
+            entry[_CAUSE] = cause
         return True
+
+    @property
+    def writes(self) -> dict[int, int]:
+        """Writes applied, by opcode (synthesised retracts included)."""
+        return {_ASSERT_OP: self.asserts, _PATCH_OP: self.patches, _RETRACT_OP: self.retracts}
 
     def held_by(self, bit: int, *, system: bool) -> list[tuple[KindState, bytes]]:
         """Every entity whose source set holds `bit`, pending writes included (a write sent
@@ -299,11 +329,15 @@ class Engine:
         """The ids of the entities of `kind` whose latest source set holds `bit`."""
         eids = {eid for eid, e in self._all(kind) if e.sources & bit}
         flying = self._in_flight.get(kind.kind_id)
-        for eid, pending in flying.items() if flying else ():
-            result = pending.result
-            _toggle(eids, eid, result is not None and bool(result.sources & bit))
-        for eid, pending in self._accumulator.get(kind.kind_id, {}).items():
-            _toggle(eids, eid, bool(pending.sources & bit))  # the latest state wins
+        for eid, entry in flying.items() if flying else ():
+            result = entry[_RESULT]
+            if result is not None:
+                _toggle(eids, eid, bool(result.sources & bit))
+        for eid, entry in self._accumulator.get(kind.kind_id, {}).items():
+            if entry[_SET] & bit:  # the latest write wins
+                eids.add(eid)
+            elif entry[_CLEAR] & bit:
+                eids.discard(eid)
         return eids
 
     def retract_many(
@@ -340,29 +374,14 @@ class Engine:
     def _retract_untouched(
         self, kind: KindState, entities: dict[bytes, Entity], bit: int, cause: DeleteCause
     ) -> int:
-        per_kind = self._accumulator.get(kind.kind_id)
-        if per_kind is None:
-            per_kind = self._accumulator[kind.kind_id] = {}
-            self._mark_dirty()
+        per_kind = self._per_kind(kind)
         touched = {*per_kind, *self._in_flight.get(kind.kind_id, ())}
-        version = kind.schema_version
-        keep = ~bit
         retracted = 0
         for eid, base in entities.items():
-            if not base.sources & bit or eid in touched:
-                continue
-            sources = base.sources & keep
-            if not sources:
-                row = None
-            elif base.schema_version == version:
-                row = base.row
-            else:
-                row = kind.current_row(base)
-            pending = per_kind[eid] = Pending(base, row)
-            pending.sources = sources
-            pending.cause = cause
-            retracted += 1
-        self.writes[Opcode.RETRACT] += retracted
+            if base.sources & bit and eid not in touched:
+                per_kind[eid] = [None, 0, bit, b"", cause, None]
+                retracted += 1
+        self.retracts += retracted
         for eid in touched:  # their latest state decides
             if self.write_retract(kind, eid, bit, b"", cause):
                 retracted += 1
@@ -440,9 +459,9 @@ class Engine:
         self._dirty_kinds[kind.kind_id] = kind
         self._mark_dirty()
         if widened_from is not None:
-            for pending in self._accumulator.get(kind.kind_id, {}).values():
-                if pending.row is not None:
-                    pending.row = kind.codec.widen(pending.row, widened_from)
+            for entry in self._accumulator.get(kind.kind_id, {}).values():
+                if entry[_ROW] is not None:
+                    entry[_ROW] = kind.codec.widen(entry[_ROW], widened_from)
 
     # flushing ------------------------------------------------------------------------------------
 
@@ -537,8 +556,9 @@ class Engine:
     def _compute(self, accumulator: Accumulator) -> tuple[int, list[Change], FlushWrite]:
         """The net change of every touched entity against its committed state.
 
-        Sets each pending entry's `result`. `Change`s are built only for kinds that someone
-        watches. The hottest loop of the server: the common paths are inline.
+        Sets each changed entry's result. `Change`s are built only for kinds that someone
+        watches. The hottest loop of the server: the common paths are inline, and entities are
+        made with `tuple.__new__` (what `Entity(...)` does, without its Python-level frame).
         """
         seq = self.seq + 1
         changes: list[Change] = []
@@ -546,60 +566,66 @@ class Engine:
         changed = 0
         now_ms = int(time.time() * 1000)
         by_id = self.catalog.by_id
+        make = _new_tuple
         for kind_id, per_kind in accumulator.items():
             kind = by_id[kind_id]
             version = kind.schema_version
             watched = kind.watchers > 0
-            records = write.logged if kind.entities is not None else write.direct
+            entities = kind.entities
+            lookup = entities.get if entities is not None else self._stored_lookup(kind)
+            records = write.logged if entities is not None else write.direct
             record = records.append
             born = died = revived = 0
-            for eid, pending in per_kind.items():
-                base = pending.base
-                sources = pending.sources
+            for eid, entry in per_kind.items():
+                row, set_bits, clear_bits, meta, cause, _ = entry
+                base = lookup(eid)
                 previous: bytes | None = None
-                if sources:
-                    row = pending.row
-                    assert row is not None
-                    if base is None:
-                        entity = Entity(row, 1, sources, seq, version, 0, 0)
-                        what = ChangeKind.CREATED
-                        born += 1
-                    elif not base.sources:
-                        entity = Entity(row, base.version + 1, sources, seq, version, 0, 0)
+                if base is None:
+                    if not set_bits:
+                        continue  # asserted and retracted within the window: nothing
+                    entity = make(Entity, (row, 1, set_bits, seq, version, 0, 0))
+                    what = ChangeKind.CREATED
+                    born += 1
+                else:
+                    old = base[2]
+                    sources = (old & ~clear_bits) | set_bits
+                    if not sources:
+                        if not old:
+                            continue  # a tombstone stays one
+                        entity = make(Entity, (b"", base[1] + 1, 0, seq, version, cause, now_ms))
+                        what = ChangeKind.DELETED
+                        died += 1
+                        if watched:
+                            previous = base[0] if base[4] == version else kind.current_row(base)
+                    elif not old:
+                        entity = make(Entity, (row, base[1] + 1, sources, seq, version, 0, 0))
                         what = ChangeKind.CREATED
                         revived += 1
                     else:
-                        previous = (
-                            base.row if base.schema_version == version else kind.current_row(base)
-                        )
-                        if row == previous:
-                            if sources != base.sources:  # the source set alone: no version
-                                pending.result = base._replace(sources=sources)
-                                record((kind_id, eid, pending.result))
+                        previous = base[0] if base[4] == version else kind.current_row(base)
+                        if row is None or row == previous:
+                            if sources != old:  # the source set alone: no version
+                                entry[5] = entity = base._replace(sources=sources)
+                                record((kind_id, eid, entity))
                             continue
-                        entity = Entity(row, base.version + 1, sources, seq, version, 0, 0)
+                        entity = make(Entity, (row, base[1] + 1, sources, seq, version, 0, 0))
                         what = ChangeKind.UPDATED
-                elif base is not None and base.sources:
-                    entity = Entity(b"", base.version + 1, 0, seq, version, pending.cause, now_ms)
-                    what = ChangeKind.DELETED
-                    died += 1
-                    if watched:
-                        previous = (
-                            base.row if base.schema_version == version else kind.current_row(base)
-                        )
-                else:
-                    continue
-                pending.result = entity
+                entry[5] = entity
                 record((kind_id, eid, entity))
                 changed += 1
                 if watched:
-                    changes.append(Change(kind, eid, what, entity, previous, pending.meta))
+                    changes.append(Change(kind, eid, what, entity, previous, meta))
             kind.alive += born + revived - died
             kind.tombstones += died - revived
         if not changed:
             seq = self.seq
         write.seq = seq
         return seq, changes, write
+
+    def _stored_lookup(self, kind: KindState) -> Callable[[bytes], Entity | None]:
+        kind_id = kind.kind_id
+        get_entity = self.store.get_entity
+        return lambda eid: get_entity(kind_id, eid)
 
     def _take_removals(self, accumulator: Accumulator, write: FlushWrite) -> None:
         """Move the scheduled compactions into this flush, except for entities this window
@@ -649,6 +675,9 @@ class Engine:
         if self._task is not None:
             await self._task
         self._executor.shutdown(wait=True)
+
+
+_new_tuple: Final = tuple.__new__
 
 
 def _toggle(eids: set[bytes], eid: bytes, present: bool) -> None:
