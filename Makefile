@@ -11,7 +11,13 @@ API_DIR := build/api
 API_MODULES := convergedb convergedb.client
 PDOC_FLAGS := --docformat google --template-directory docs/api-template
 
-.PHONY: install test lint typecheck unit run bench docs clean torture
+# the write path's modules, compiled with mypyc in place (see src/convergedb/server/native.py);
+# rebuilt whenever one of them changes. Python prefers the compiled module, so the package
+# checks the recorded digest at import and runs plain Python if the build is stale.
+NATIVE_SOURCES := src/convergedb/server/engine.py src/convergedb/server/connection.py
+NATIVE_DIGEST := src/convergedb/server/compiled.sha256
+
+.PHONY: install compile test lint typecheck unit run bench docs clean torture
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,26 +29,32 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+$(NATIVE_DIGEST): $(STAMP) $(NATIVE_SOURCES) tools/build_native.py
+	$(BIN)/python tools/build_native.py
+
+compile: $(NATIVE_DIGEST)
+
 $(DOCS_STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[docs]'
 	touch $(DOCS_STAMP)
 
 lint: install
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench tools
+	$(BIN)/ruff format --check src tests bench tools
 
 typecheck: install
 	$(BIN)/mypy src
 
-unit: install
-	$(BIN)/pytest -q
+# CONVERGEDB_NATIVE=required: tests/test_native.py checks that the compiled write path runs
+unit: compile
+	CONVERGEDB_NATIVE=required $(BIN)/pytest -q
 
 test: lint typecheck unit
 
-run: install
+run: compile
 	$(BIN)/convergedb serve
 
-bench: install
+bench: compile
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	@for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
@@ -59,3 +71,4 @@ torture: install
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis $(API_DIR)
+	rm -f $(NATIVE_DIGEST) src/*__mypyc*.so src/convergedb/server/*.so

@@ -42,7 +42,7 @@ def commit_flush(store: Store, seq: int, *states: tuple[int, Entity | None]) -> 
         if entity is None:
             write.removed.append((KIND, eid, True))
         else:
-            write.logged.append((KIND, eid, entity))
+            write.log_entity(KIND, eid, entity)
     store.commit(write)
 
 
@@ -173,10 +173,10 @@ async def test_start_up_replays_the_log_the_checkpointer_left(tmp_path: Path) ->
     write = FlushWrite(2, kinds=[StoredKind(KIND, definition, (len(definition.fields),))])
     rows = {i: PLAYER.encode(Player(f"p{i}", i)) for i in range(10)}
     for i, row in rows.items():
-        write.logged.append((KIND, id_from_int(i), Entity(row, 1, 2, 1, 1, 0, 0)))
+        write.log_entity(KIND, id_from_int(i), Entity(row, 1, 2, 1, 1, 0, 0))
     store.commit(write)
     later = FlushWrite(3)
-    later.logged.append((KIND, id_from_int(3), Entity(rows[4], 2, 2 | 4, 2, 1, 0, 0)))
+    later.log_entity(KIND, id_from_int(3), Entity(rows[4], 2, 2 | 4, 2, 1, 0, 0))
     store.commit(later)
     assert store.log_backlog() == 2 and stored(store) == {}
     store.close()

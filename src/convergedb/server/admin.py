@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from . import native
 from .metrics import Metrics
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ def status(server: Server) -> dict[str, Any]:
     ]
     return {
         "version": server.version,
+        "write_path": native.state,
         "seq": server.engine.seq,
         "log_backlog": server.store.log_backlog(),
         "checkpointer": {

@@ -13,6 +13,7 @@ from collections import Counter
 from .. import __version__
 from ..protocol.codes import ErrorCode
 from ..protocol.errors import ProtocolError
+from . import native
 from .admin import AdminServer
 from .catalog import Catalog
 from .checkpoint import Checkpointer
@@ -77,11 +78,12 @@ class Server:
         tune_garbage_collector()
         self.presence = Presence(self.catalog, self.engine)
         log.info(
-            "loaded %d kinds and %d in-memory entities in %.2fs (seq %d)",
+            "loaded %d kinds and %d in-memory entities in %.2fs (seq %d); write path: %s",
             len(self.catalog.by_id),
             entities,
             time.perf_counter() - started,
             self.engine.seq,
+            native.state,
         )
         self.engine.on_failure = self._on_engine_failure
         self.engine.start()

@@ -373,7 +373,7 @@ class ServerConnection(asyncio.Protocol):
 
     def _assert_plainly(self, payload: bytes, count: int) -> tuple[int, int]:
         """The BATCH fast path: apply the leading run of sub-operations that are well-formed
-        ASSERTs without meta, outside an epoch (the bulk of a writer's traffic), with one
+        ASSERTs, outside an epoch (the bulk of a writer's traffic), with one
         unpack each and no per-operation parsing call. Returns (how many it applied, where the
         next one starts); `_on_batch` takes the rest through the general path."""
         done = 0
@@ -389,13 +389,22 @@ class ServerConnection(asyncio.Protocol):
         while done < count and length - pos >= _BATCH_ASSERT_SIZE:
             op, body_len, kind_id, eid, size = unpack(payload, pos)
             end = pos + _BATCH_HEAD_SIZE + body_len
-            if op != _ASSERT or body_len != _ASSERT_SIZE + size or end > length:
+            data_end = pos + _BATCH_ASSERT_SIZE + size
+            if op != _ASSERT or end > length:
                 break
+            if end == data_end:
+                meta = b""
+            elif end > data_end + 1 and end == data_end + 2 + (
+                payload[data_end] | payload[data_end + 1] << 8  # the meta's u16 length
+            ):
+                meta = payload[data_end + 2 : end]
+            else:
+                break  # malformed: the general path says how
             try:
                 if kind_id != kind_id_of_kind:
                     kind = self._writable_kind(kind_id, op)
                     kind_id_of_kind = kind_id
-                write(kind, eid, payload[pos + _BATCH_ASSERT_SIZE : end], bit, b"")  # type: ignore[arg-type]
+                write(kind, eid, payload[data_end - size : data_end], bit, meta)  # type: ignore[arg-type]
             except (ProtocolError, SchemaError) as exc:
                 self._report(exc, op, 0)
             pos = end
@@ -525,8 +534,6 @@ _ASSERT: Final = int(Opcode.ASSERT)
 _BATCH_ASSERT_SIZE: Final = BATCH_ASSERT_HEAD.size
 _BATCH_HEAD_SIZE: Final = 5
 """op u8, body_len u32."""
-_ASSERT_SIZE: Final = _BATCH_ASSERT_SIZE - _BATCH_HEAD_SIZE
-"""An ASSERT body's fixed head: kind_id u16, eid, data length u32."""
 
 _HANDLERS: Final[dict[int, Handler]] = {
     Opcode.CONNECT: ServerConnection._on_connect,

@@ -27,10 +27,14 @@ from typing import Any, Final, NamedTuple
 from ..protocol.codes import DeleteCause, EventCause, Opcode
 from ..schema.patch import apply_patch
 from .catalog import Catalog, KindState
-from .storage import FlushWrite, Store
+from .storage import ENTITY_HEAD_SIZE, LOG_HEAD, FlushWrite, Store
 from .table import Entity
 
 log = logging.getLogger("convergedb.engine")
+
+BACKLOG_WINDOWS: Final = 10
+"""While a flush commits, connections read on until the next accumulator has waited this many
+windows (see `Engine.overdue`)."""
 
 _EVENT_CAUSE: Final = {
     DeleteCause.RETRACTED: EventCause.CLIENT_WRITE,
@@ -147,6 +151,7 @@ class Engine:
         self._dirty_kinds: dict[int, KindState] = {}
         self._dirty = False
         self._first_dirty_at = 0.0
+        self._committing = False
         self._wake = asyncio.Event()
         self._waiters: dict[int, list[asyncio.Future[int]]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convergedb-store")
@@ -211,13 +216,15 @@ class Engine:
         return self.store.get_entity(kind.kind_id, eid)
 
     def _latest(self, kind: KindState, eid: bytes) -> Entity | None:
-        """The state the entity will have when this window's flush computes: the result of the
-        flush being committed if it touched the entity, else the committed state."""
+        """The state the entity will have when this window's flush computes: the committed
+        state, with the flush being committed (if it touched the entity) applied to it. Only
+        its row and source set are meaningful (versions are the flush's business)."""
+        committed = self.committed(kind, eid)
         flying = self._in_flight.get(kind.kind_id) if self._in_flight else None
         entry = None if flying is None else flying.get(eid)
-        if entry is not None and entry[_RESULT] is not None:
-            return entry[_RESULT]  # type: ignore[no-any-return]
-        return self.committed(kind, eid)
+        if entry is None:
+            return committed
+        return _after(kind, committed, entry)
 
     def _per_kind(self, kind: KindState) -> dict[bytes, Entry]:
         """This window's entries of a kind (made, and the flush woken, at the first write)."""
@@ -328,16 +335,12 @@ class Engine:
     def _held_in(self, kind: KindState, bit: int) -> set[bytes]:
         """The ids of the entities of `kind` whose latest source set holds `bit`."""
         eids = {eid for eid, e in self._all(kind) if e.sources & bit}
-        flying = self._in_flight.get(kind.kind_id)
-        for eid, entry in flying.items() if flying else ():
-            result = entry[_RESULT]
-            if result is not None:
-                _toggle(eids, eid, bool(result.sources & bit))
-        for eid, entry in self._accumulator.get(kind.kind_id, {}).items():
-            if entry[_SET] & bit:  # the latest write wins
-                eids.add(eid)
-            elif entry[_CLEAR] & bit:
-                eids.discard(eid)
+        for accumulator in (self._in_flight, self._accumulator):  # oldest first
+            for eid, entry in accumulator.get(kind.kind_id, {}).items():
+                if entry[_SET] & bit:  # the latest write wins
+                    eids.add(eid)
+                elif entry[_CLEAR] & bit:
+                    eids.discard(eid)
         return eids
 
     def retract_many(
@@ -472,14 +475,22 @@ class Engine:
             self._wake.set()
 
     def overdue(self) -> bool:
-        """Whether the accumulator has waited a whole window and its flush has not started.
+        """Whether connections should stop reading until the next flush has started.
 
-        The event loop may keep reading a busy socket for a long time before it runs timers;
+        The event loop may keep reading busy sockets for a long time before it runs timers;
         connections ask this after each read and, when it is true, stop reading until the next
-        flush has started (`hold_reading`). That bounds a window under load and pushes back on
-        writers faster than the disk.
+        flush has taken the accumulator (`hold_reading`). True once the accumulator has waited
+        a whole window while no flush is committing (the flush is due: let it run), or
+        `BACKLOG_WINDOWS` windows whatever happens (the disk is behind: push back on writers).
+        While a flush commits, the loop would otherwise sit idle through the fsync: reading on
+        lets the next flush carry what arrived meanwhile.
         """
-        return self._dirty and time.monotonic() - self._first_dirty_at >= self.window_s
+        if not self._dirty:
+            return False
+        waited = time.monotonic() - self._first_dirty_at
+        if self._committing:
+            return waited >= self.window_s * BACKLOG_WINDOWS
+        return waited >= self.window_s
 
     def hold_reading(self, resume: Callable[[], None]) -> None:
         """Call `resume` once the next flush has taken the accumulator."""
@@ -533,11 +544,15 @@ class Engine:
         write.kinds = [kind.stored() for kind in kinds.values()]
         self._take_removals(accumulator, write)
         write.source_deadlines, self._new_deadlines = self._new_deadlines, {}
-        if write.logged or write.direct or write.kinds or write.removed or write.source_deadlines:
+        if write.log or write.direct or write.kinds or write.removed or write.source_deadlines:
             self._in_flight = accumulator
+            self._committing = True
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._executor, self.store.commit, write)
-            self._apply(write)
+            try:
+                await loop.run_in_executor(self._executor, self.store.commit, write)
+            finally:
+                self._committing = False
+            self._apply(accumulator, write)
             self._in_flight = {}
         self.seq = seq
         self.flushed_generation = generation
@@ -567,38 +582,44 @@ class Engine:
         now_ms = int(time.time() * 1000)
         by_id = self.catalog.by_id
         make = _new_tuple
+        log_head = LOG_HEAD.pack
+        head_size = ENTITY_HEAD_SIZE
+        log = write.log
         for kind_id, per_kind in accumulator.items():
             kind = by_id[kind_id]
             version = kind.schema_version
             watched = kind.watchers > 0
             entities = kind.entities
+            logged = entities is not None
             lookup = entities.get if entities is not None else self._stored_lookup(kind)
-            records = write.logged if entities is not None else write.direct
-            record = records.append
             born = died = revived = 0
             for eid, entry in per_kind.items():
                 row, set_bits, clear_bits, meta, cause, _ = entry
                 base = lookup(eid)
                 previous: bytes | None = None
+                dead_cause = deleted_at = 0
                 if base is None:
                     if not set_bits:
                         continue  # asserted and retracted within the window: nothing
-                    entity = make(Entity, (row, 1, set_bits, seq, version, 0, 0))
+                    new_version = 1
+                    sources = set_bits
                     what = ChangeKind.CREATED
                     born += 1
                 else:
                     old = base[2]
                     sources = (old & ~clear_bits) | set_bits
+                    new_version = base[1] + 1
                     if not sources:
                         if not old:
                             continue  # a tombstone stays one
-                        entity = make(Entity, (b"", base[1] + 1, 0, seq, version, cause, now_ms))
+                        row = b""
+                        dead_cause = cause
+                        deleted_at = now_ms
                         what = ChangeKind.DELETED
                         died += 1
                         if watched:
                             previous = base[0] if base[4] == version else kind.current_row(base)
                     elif not old:
-                        entity = make(Entity, (row, base[1] + 1, sources, seq, version, 0, 0))
                         what = ChangeKind.CREATED
                         revived += 1
                     else:
@@ -606,12 +627,21 @@ class Engine:
                         if row is None or row == previous:
                             if sources != old:  # the source set alone: no version
                                 entry[5] = entity = base._replace(sources=sources)
-                                record((kind_id, eid, entity))
+                                self._record_state(write, logged, kind_id, eid, entity)
                             continue
-                        entity = make(Entity, (row, base[1] + 1, sources, seq, version, 0, 0))
                         what = ChangeKind.UPDATED
-                entry[5] = entity
-                record((kind_id, eid, entity))
+                entry[5] = entity = make(
+                    Entity, (row, new_version, sources, seq, version, dead_cause, deleted_at)
+                )
+                if logged:  # the log record, inline (as FlushWrite.log_entity makes it)
+                    head = log_head(
+                        kind_id, eid, head_size + len(row), new_version, sources, seq, version,
+                        dead_cause, deleted_at,
+                    )  # fmt: skip
+                    log.append(head)
+                    log.append(row)
+                else:
+                    write.direct.append((kind_id, eid, entity))
                 changed += 1
                 if watched:
                     changes.append(Change(kind, eid, what, entity, previous, meta))
@@ -621,6 +651,15 @@ class Engine:
             seq = self.seq
         write.seq = seq
         return seq, changes, write
+
+    @staticmethod
+    def _record_state(
+        write: FlushWrite, logged: bool, kind_id: int, eid: bytes, entity: Entity
+    ) -> None:
+        if logged:
+            write.log_entity(kind_id, eid, entity)
+        else:
+            write.direct.append((kind_id, eid, entity))
 
     def _stored_lookup(self, kind: KindState) -> Callable[[bytes], Entity | None]:
         kind_id = kind.kind_id
@@ -644,17 +683,20 @@ class Engine:
         if write.compacted_seq < self.compacted_seq:
             write.compacted_seq = self.compacted_seq
 
-    def _apply(self, write: FlushWrite) -> None:
+    def _apply(self, accumulator: Accumulator, write: FlushWrite) -> None:
         """Make a committed flush the state that queries see."""
         by_id = self.catalog.by_id
         tombstones = self._tombstones
-        for kind_id, eid, entity in write.logged:
-            by_id[kind_id].entities[eid] = entity  # type: ignore[index]
-            if not entity.sources and entity.deleted_at_ms:
-                tombstones.append((entity.deleted_at_ms, kind_id, eid))
-        for kind_id, eid, entity in write.direct:
-            if not entity.sources and entity.deleted_at_ms:
-                tombstones.append((entity.deleted_at_ms, kind_id, eid))
+        for kind_id, per_kind in accumulator.items():
+            entities = by_id[kind_id].entities
+            for eid, entry in per_kind.items():
+                entity = entry[5]  # the result (Entry layout)
+                if entity is None:
+                    continue
+                if entities is not None:
+                    entities[eid] = entity
+                if not entity[2] and entity[6]:  # a new tombstone: due for compaction
+                    tombstones.append((entity[6], kind_id, eid))
         for kind_id, eid, _ in write.removed:
             kind = by_id[kind_id]
             kind.tombstones -= 1
@@ -680,8 +722,14 @@ class Engine:
 _new_tuple: Final = tuple.__new__
 
 
-def _toggle(eids: set[bytes], eid: bytes, present: bool) -> None:
-    if present:
-        eids.add(eid)
-    else:
-        eids.discard(eid)
+def _after(kind: KindState, base: Entity | None, entry: Entry) -> Entity | None:
+    """The row and source set an entity has once `entry` is applied to `base`."""
+    row, set_bits, clear_bits = entry[_ROW], entry[_SET], entry[_CLEAR]
+    sources = set_bits if base is None else (base.sources & ~clear_bits) | set_bits
+    if base is None:
+        return None if not sources else Entity(row, 0, sources, 0, kind.schema_version, 0, 0)
+    if not sources:
+        return base._replace(row=b"", sources=0)
+    if row is None:
+        return base._replace(sources=sources)
+    return base._replace(row=row, sources=sources, schema_version=kind.schema_version)

@@ -56,9 +56,12 @@ _FORMAT_KEY: Final = b"format"
 _CHECKPOINT_KEY: Final = b"checkpoint"
 _CHECKPOINT: Final = struct.Struct("<QQ")
 _LOG_KEY: Final = struct.Struct(">Q")
-_LOG_HEAD: Final = struct.Struct("<H32sIQQQHBQ")
-"""A log record: kind id, eid, value length (DELETED: the entity was removed), then the entity
-value of `entities` (its head and row)."""
+LOG_HEAD: Final = struct.Struct("<H32sIQQQHBQ")
+"""A log record's head: kind id, eid, value length (DELETED: the entity was removed), then the
+head of the entity value of `entities` (version, sources, seq, schema version, cause, deleted
+at); the row follows. So a record is the entity's key parts then its `entities` value."""
+ENTITY_HEAD_SIZE: Final = _ENTITY_HEAD.size
+_LOG_HEAD: Final = LOG_HEAD
 _LOG_HEAD_SIZE: Final = _LOG_HEAD.size
 _LOG_VALUE_AT: Final = _LOG_HEAD_SIZE - _ENTITY_HEAD_SIZE
 _DELETED: Final = 0xFFFF_FFFF
@@ -89,8 +92,10 @@ class FlushWrite:
     """Everything one flush makes durable, in one transaction."""
 
     seq: int
-    logged: list[tuple[int, bytes, Entity]] = field(default_factory=list)
-    """New states of entities of in-memory kinds (appended to the log)."""
+    log: list[bytes] = field(default_factory=list)
+    """The log value, in parts: for each new state of an entity of an in-memory kind, its
+    record head (`LOG_HEAD`) then its row. The engine builds it while it computes the flush
+    (`log_entity` does the same, one entity at a time)."""
     direct: list[tuple[int, bytes, Entity]] = field(default_factory=list)
     """New states of entities of disk-backed kinds (written to `entities`)."""
     removed: list[tuple[int, bytes, bool]] = field(default_factory=list)
@@ -99,6 +104,11 @@ class FlushWrite:
     source_deadlines: dict[int, int] = field(default_factory=dict)
     compacted_seq: int = 0
     """The highest seq of a tombstone compaction has removed, so far."""
+
+    def log_entity(self, kind_id: int, eid: bytes, e: Entity) -> None:
+        """Append the new state of an entity of an in-memory kind to the log value."""
+        head = LOG_HEAD.pack(kind_id, eid, ENTITY_HEAD_SIZE + len(e[0]), *e[1:])
+        self.log += (head, e[0])
 
 
 def entity_key(kind_id: int, eid: bytes) -> bytes:
@@ -273,7 +283,7 @@ class Store:
 
     def commit(self, write: FlushWrite) -> None:
         """Make one flush durable: every change in one transaction (fsync'd on commit)."""
-        log = _encode_log(write) if write.logged or write.removed else None
+        log = _encode_log(write) if write.log or write.removed else None
         with self._env.begin(write=True) as txn:
             if log:
                 position = self._log_position + 1
@@ -369,15 +379,11 @@ class Store:
 
 
 def _encode_log(write: FlushWrite) -> bytes:
-    """The log value of a flush: a record per entity of an in-memory kind."""
-    pack = _LOG_HEAD.pack
-    parts = [
-        pack(k, eid, _ENTITY_HEAD_SIZE + len(e[0]), e[1], e[2], e[3], e[4], e[5], e[6]) + e[0]
-        for k, eid, e in write.logged
-    ]
+    """The log value of a flush: a record per entity of an in-memory kind, then the removals."""
+    parts = write.log
     for kind_id, eid, logged in write.removed:
         if logged:
-            parts.append(pack(kind_id, eid, _DELETED, 0, 0, 0, 0, 0, 0))
+            parts.append(_LOG_HEAD.pack(kind_id, eid, _DELETED, 0, 0, 0, 0, 0, 0))
     return b"".join(parts)
 
 
