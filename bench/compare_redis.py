@@ -6,8 +6,9 @@ version and deduplication (an identical re-assert changes nothing and publishes 
 an entity whose last source retracted into a tombstone, and PUBLISHes every change. Its clients
 are redis-py with hiredis; it runs with its append-only file fsync'd every second (its usual
 production setting; --redis-appendfsync always is the durability ConvergeDB has). ConvergeDB is
-a real `convergedb serve` subprocess (window 20 ms, fsync every flush), its clients the SDK:
-`client.batch()` writers and `Mirror` subscribers. One server of each, one after the other.
+a real `convergedb serve` subprocess (window 20 ms, or each window of --window-ms, e.g. 20,2;
+fsync every flush), its clients the SDK: `client.batch()` writers and `Mirror` subscribers. One
+server of each configuration, one after the other (--runs N: N rounds, in turn).
 
 The workload, identical on both sides (the writers draw it from seeded generators):
 - 4 writer processes, sources 1, 31, 32 and 63 (both halves of the 64-bit source set, and the
@@ -53,9 +54,13 @@ At the end each side's state is read back from its server (every entity's source
 fields) and checked against what the writers sent, and each mirror against it. A side that gets
 anything wrong prints WRONG with the first differences and has no figure.
 
-The machine has 2 cores, shared with other work: each figure is from one run, and noisy.
+The machine has 2 cores, shared with other work: a figure from one run is noisy; with --runs N
+each figure is the median of the N runs of its configuration (each run's latency percentiles
+are listed too). The target of issue 8 is judged at each ConvergeDB window separately: the
+saturation, latency and notification figures of a window all come from runs at that window.
 
     python bench/compare_redis.py [--quick] [--rate N] [--seconds S] [--saturation-seconds S]
+                                  [--window-ms W[,W...]] [--runs N]
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ import multiprocessing as mp
 import os
 import queue
 import random
+import statistics
 import struct
 import sys
 import tempfile
@@ -873,12 +879,14 @@ class Run:
                 process.join()
 
 
-def run_system(system: str, args: argparse.Namespace, workdir: Path) -> SystemResult:
+def run_system(
+    system: str, args: argparse.Namespace, workdir: Path, window_ms: int = 20
+) -> SystemResult:
     started = time.monotonic()
     if system == "cdb":
-        server = start_server(workdir / "data", "--window-ms", str(args.window_ms), "--fsync")
+        server = start_server(workdir / "data", "--window-ms", str(window_ms), "--fsync")
         pid, host, port, sha = server.process.pid, server.host, server.port, ""
-        name, description = "ConvergeDB", "convergedb serve"
+        name, description = f"CDB {window_ms} ms", f"convergedb serve, window {window_ms} ms"
         stop: Callable[[], object] = server.stop
     else:
         import redis
@@ -1106,31 +1114,53 @@ Row = tuple[str, Callable[[SystemResult], float | None], str, str]
 """(label, figure, format, which way is better: "up", "down" or "")."""
 
 
-def print_table(title: str, rows: Sequence[Row], results: Sequence[SystemResult]) -> None:
-    names = [r.name for r in results]
-    both = len(results) == 2
-    header = f"  {'':<42}" + "".join(f"{n:>14}" for n in names)
-    if both:
-        header += f"{'ratio':>12}"
+@dataclass
+class Column:
+    """One configuration of the comparison (ConvergeDB at one window, or the Redis build) and
+    its runs; each figure it prints is the median over the runs."""
+
+    name: str
+    system: str
+    """"cdb" or "redis"."""
+    window_ms: int = 0
+    runs: list[SystemResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.runs) and all(r.ok for r in self.runs)
+
+    def figure(self, figure: Callable[[SystemResult], float | None]) -> float | None:
+        """The median over the runs (None when a run has no such figure)."""
+        values = [figure(r) for r in self.runs]
+        if not values or any(v is None for v in values):
+            return None
+        return statistics.median(v for v in values if v is not None)
+
+
+def print_table(title: str, rows: Sequence[Row], columns: Sequence[Column]) -> None:
+    """One column per configuration, then, when the Redis build ran, each ConvergeDB column's
+    ratio to it."""
+    redis_ = next((c for c in columns if c.system == "redis"), None)
+    ours = [c for c in columns if c.system == "cdb"] if redis_ is not None else []
+    header = f"  {'':<42}" + "".join(f"{c.name:>14}" for c in columns)
+    header += "".join(
+        f"{'ratio' if len(ours) == 1 else c.name.removeprefix('CDB ') + '/R':>12}" for c in ours
+    )
     print(f"\n{title}\n{header}")
     for label, figure, fmt, better in rows:
         line = f"  {label:<42}"
-        values: list[float | None] = []
-        for result in results:
-            value = figure(result) if result.ok else None
-            values.append(value)
+        values: dict[str, float | None] = {}
+        for column in columns:
+            value = values[column.name] = column.figure(figure) if column.ok else None
             line += (
-                f"{'WRONG' if not result.ok else '-' if value is None else format(value, fmt):>14}"
+                f"{'WRONG' if not column.ok else '-' if value is None else format(value, fmt):>14}"
             )
-        if both:
-            a, b = values
-            if not better:
-                pass
-            elif a is None or b is None or not b:
-                line += f"{'-':>12}"
-            else:
-                hint = "higher" if better == "up" else "lower"
-                line += f"{a / b:>11.2f}x  ({hint} is better)"
+        if better and redis_ is not None and ours:
+            b = values[redis_.name]
+            for column in ours:
+                a = values[column.name]
+                line += f"{'-':>12}" if a is None or b is None or not b else f"{a / b:>11.2f}x"
+            line += f"  ({'higher' if better == 'up' else 'lower'} is better)"
         print(line)
 
 
@@ -1172,7 +1202,7 @@ def client_cpu_rows(phase: int, better: str) -> list[Row]:
     ]
 
 
-def report(args: argparse.Namespace, results: list[SystemResult]) -> None:
+def report(args: argparse.Namespace, columns: list[Column]) -> None:
     constant = [
         ("writes sent", lambda r: r.phases[0].writes, ",.0f", ""),
         ("  of which changing asserts", lambda r: r.phases[0].counts[CHANGE], ",.0f", ""),
@@ -1218,71 +1248,95 @@ def report(args: argparse.Namespace, results: list[SystemResult]) -> None:
         ("server peak resident memory (MiB)", lambda r: r.hwm / 2**20, ",.1f", "down"),
         ("alive entities at the end", lambda r: r.alive, ",.0f", ""),
     ]
+    runs = max(len(c.runs) for c in columns)
+    if runs > 1:
+        print(f"\neach figure: the median of {runs} runs of each configuration")
     print_table(
         f"constant rate: {args.rate:,} writes/s offered for {args.seconds:g} s"
         f" (latency from the intended send time; first {WARMUP_S:g} s not counted)",
         constant,
-        results,
+        columns,
     )
     print_table(
         f"saturation: the writers as fast as the server takes them, {args.saturation_seconds:g} s",
         saturation,
-        results,
+        columns,
     )
-    print_table("resources", resources, results)
+    print_table("resources", resources, columns)
+    if runs > 1:
+        print("\nmirror latency p50 / p99 (ms) of each run")
+        for column in columns:
+            figures = ", ".join(
+                f"{r.latency.p50:.1f} / {r.latency.p99:.1f}" if r.ok and r.latency else "-"
+                for r in column.runs
+            )
+            print(f"  {column.name:<12}{figures}")
     print("\ncheck: the server's state against what the writers sent, each mirror against it")
-    for result in results:
-        if result.ok:
+    for column in columns:
+        if column.ok:
+            result = column.runs[-1]
             print(
-                f"  {result.name}: OK ({SUBSCRIBERS} mirrors equal the server's {result.alive:,}"
-                " alive entities, whose sources and fields are what the writers left)"
+                f"  {column.name}: OK in {len(column.runs)} run(s) ({SUBSCRIBERS} mirrors equal "
+                f"the server's {result.alive:,} alive entities, whose sources and fields are "
+                "what the writers left)"
             )
-        else:
-            print(f"  {result.name}: WRONG ({len(result.problems)} problems); first ones:")
-            for problem in result.problems[:8]:
-                print(f"    {problem}")
-        if result.phases[1].exhausted:
+        for result in column.runs:
+            if not result.ok:
+                print(f"  {column.name}: WRONG ({len(result.problems)} problems); first ones:")
+                for problem in result.problems[:8]:
+                    print(f"    {problem}")
+        exhausted = sum(r.phases[1].exhausted for r in column.runs)
+        if exhausted:
             print(
-                f"  {result.name}: {result.phases[1].exhausted} writers sent their whole pool of "
-                "pre-encoded batches and encoded more on the way (raise --pool-rate)"
+                f"  {column.name}: {exhausted} times a writer sent its whole pool of pre-encoded "
+                "batches and encoded more on the way (raise --pool-rate)"
             )
-        if result.latency and (result.latency.folded or result.latency.two_sources):
+        latency = column.runs[0].latency if column.runs else None
+        if latency and (latency.folded or latency.two_sources):
             print(
-                f"  {result.name}: not in the latency figures (the same writes on both sides): "
-                f"{result.latency.two_sources:,} changing writes to the entities two sources "
-                f"assert, {result.latency.folded:,} that their own batch retracts afterwards"
+                f"  {column.name}: not in the latency figures (the same writes on both sides): "
+                f"{latency.two_sources:,} changing writes to the entities two sources "
+                f"assert, {latency.folded:,} that their own batch retracts afterwards"
             )
-        if result.latency and result.latency.unmatched:
+        unmatched = sum(r.latency.unmatched for r in column.runs if r.latency)
+        if unmatched:
             print(
-                f"  {result.name}: {result.latency.unmatched:,} changing writes never seen by "
-                "a mirror in a newer state (not in the latency figures)"
+                f"  {column.name}: {unmatched:,} changing writes never seen by a mirror in a "
+                "newer state (not in the latency figures)"
             )
-    if len(results) == 2 and all(r.ok for r in results):
-        ours, redis_ = results
-        ratio = ours.phases[1].rate / redis_.phases[1].rate
-        p99 = (ours.latency.p99, redis_.latency.p99) if ours.latency and redis_.latency else None
-        fewer = ours.phases[0].notifications < redis_.phases[0].notifications
-        print(
-            "\ntarget (issue 8): ConvergeDB absorbs >= 2x the writes/s of the Redis build, with a"
-            " lower p99 mirror latency and fewer notifications for the same writes"
+    redis_ = next((c for c in columns if c.system == "redis"), None)
+    if redis_ is None or not redis_.ok:
+        return
+    print(
+        "\ntarget (issue 8): ConvergeDB absorbs >= 2x the writes/s of the Redis build, with a"
+        " lower p99 mirror latency and fewer notifications for the same writes; all three at"
+        " one window"
+    )
+    for ours in columns:
+        if ours.system != "cdb" or not ours.ok:
+            continue
+        ratio = (ours.figure(lambda r: r.phases[1].rate) or 0.0) / (
+            redis_.figure(lambda r: r.phases[1].rate) or 1.0
         )
-        print(
-            f"  writes/s ratio {ratio:.2f} (>= {TARGET_RATIO:g}): "
-            f"{'met' if ratio >= TARGET_RATIO else 'MISSED'}"
-        )
-        if p99:
-            print(
-                f"  p99 {p99[0]:.1f} ms vs {p99[1]:.1f} ms: "
-                f"{'met' if p99[0] < p99[1] else 'MISSED'}"
+        p99 = ours.figure(lambda r: r.latency.p99 if r.latency else None)
+        redis_p99 = redis_.figure(lambda r: r.latency.p99 if r.latency else None)
+        notified = ours.figure(lambda r: r.phases[0].notifications) or 0.0
+        redis_notified = redis_.figure(lambda r: r.phases[0].notifications) or 0.0
+        verdicts = [
+            f"writes/s ratio {ratio:.2f} (>= {TARGET_RATIO:g}): "
+            f"{'met' if ratio >= TARGET_RATIO else 'MISSED'}",
+            f"notifications at the constant rate {notified:,.0f} vs {redis_notified:,.0f}: "
+            f"{'met' if notified < redis_notified else 'MISSED'}",
+        ]
+        if p99 is not None and redis_p99 is not None:
+            verdicts.insert(
+                1,
+                f"p99 {p99:.1f} ms vs {redis_p99:.1f} ms: {'met' if p99 < redis_p99 else 'MISSED'}",
             )
-        print(
-            f"  notifications at the constant rate {ours.phases[0].notifications:,} vs "
-            f"{redis_.phases[0].notifications:,}: {'met' if fewer else 'MISSED'}"
-        )
+        print(f"  window {ours.window_ms} ms: " + "; ".join(verdicts))
 
 
-def failed_run(system: str, exc: Exception) -> SystemResult:
-    name = "ConvergeDB" if system == "cdb" else "Redis"
+def failed_run(name: str, exc: Exception) -> SystemResult:
     return SystemResult(
         name,
         f"{name}: the run failed",
@@ -1295,6 +1349,17 @@ def failed_run(system: str, exc: Exception) -> SystemResult:
         0,
         0.0,
     )
+
+
+def windows(text: str) -> list[int]:
+    """`--window-ms`: one window, or several separated by commas."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of whole milliseconds: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("each window must be at least 1 ms")
+    return values
 
 
 def main() -> None:
@@ -1320,10 +1385,17 @@ def main() -> None:
     parser.add_argument("--only", choices=("cdb", "redis"), help="run one system only")
     parser.add_argument(
         "--window-ms",
-        type=int,
-        default=20,
+        type=windows,
+        default=[20],
         help="ConvergeDB's coalescing window (the default 20; shorter: lower latency, less "
-        "coalescing)",
+        "coalescing); several, e.g. 20,2: ConvergeDB runs at each, side by side with one Redis "
+        "run, and the target is judged at each",
+    )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="runs of each configuration, one after the other in turn; figures are medians",
     )
     args = parser.parse_args()
     args.seconds = args.seconds or (4.0 if args.quick else 15.0)
@@ -1331,6 +1403,8 @@ def main() -> None:
     args.pool_batches = -(-int(args.pool_rate * args.saturation_seconds) // (WRITERS * BATCH))
     if args.seconds <= WARMUP_S:
         parser.error(f"--seconds must be above the {WARMUP_S:g} s warm-up")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     systems = ["cdb", "redis"] if args.only is None else [args.only]
     if "redis" in systems:
         args.redis_binary = ensure_redis_server()
@@ -1345,8 +1419,9 @@ def main() -> None:
         f"({REPEAT_P:.0%} repeating the stored state) and {RETRACT_P:.0%} retracts; {BATCH} "
         f"writes per round trip, encoded before each phase's clock starts; {SUBSCRIBERS} "
         "subscriber processes each keeping a mirror of the kind",
-        "ConvergeDB": f"`convergedb serve` ({source_state()}), window {args.window_ms} ms, "
-        "fsync every flush; SDK writers (client.batch) and Mirror subscribers",
+        "ConvergeDB": f"`convergedb serve` ({source_state()}), window "
+        f"{', '.join(map(str, args.window_ms))} ms, fsync every flush; SDK writers "
+        "(client.batch) and Mirror subscribers",
         "Redis": "a hash per entity, a Lua script per write (EVALSHA: source set, version, "
         f"dedup, tombstone), PUBLISH; {describe_settings(args.redis_appendfsync)}; "
         f"redis-py {redis.__version__}{hiredis} writers (pipelines) and subscribers "
@@ -1362,24 +1437,32 @@ def main() -> None:
                 break_on_hyphens=False,
             )
         )
-    results = []
-    for system in systems:
-        print(f"\nrunning {'ConvergeDB' if system == 'cdb' else 'Redis'} ...", flush=True)
-        with tempfile.TemporaryDirectory(prefix=f"cdb-vs-redis-{system}-") as tmp:
-            try:
-                result = run_system(system, args, Path(tmp))
-            except Exception as exc:  # that side has no figure; the other one still runs
-                traceback.print_exc()
-                result = failed_run(system, exc)
-        print(
-            f"  {result.description}: done in {result.seconds:.0f} s; the mirrors bootstrapped"
-            f" {result.bootstrap:,}"
-            " entities",
-            flush=True,
-        )
-        results.append(result)
-    report(args, results)
-    if not all(r.ok for r in results):
+    columns = [
+        Column(f"CDB {window} ms", "cdb", window) for window in args.window_ms if "cdb" in systems
+    ]
+    if "redis" in systems:
+        columns.append(Column("Redis", "redis"))
+    for run in range(args.runs):
+        for column in columns:
+            of = f" (run {run + 1} of {args.runs})" if args.runs > 1 else ""
+            what = (
+                "Redis" if column.system == "redis" else f"ConvergeDB, window {column.window_ms} ms"
+            )
+            print(f"\nrunning {what}{of} ...", flush=True)
+            with tempfile.TemporaryDirectory(prefix=f"cdb-vs-redis-{column.system}-") as tmp:
+                try:
+                    result = run_system(column.system, args, Path(tmp), column.window_ms)
+                except Exception as exc:  # that side has no figure; the other one still runs
+                    traceback.print_exc()
+                    result = failed_run(column.name, exc)
+            print(
+                f"  {result.description}: done in {result.seconds:.0f} s; the mirrors "
+                f"bootstrapped {result.bootstrap:,} entities",
+                flush=True,
+            )
+            column.runs.append(result)
+    report(args, columns)
+    if not all(c.ok for c in columns):
         sys.exit(1)
 
 

@@ -514,10 +514,11 @@ async def test_live_only_resumes_live_notifications(server: ServerProcess, proxy
             await writer.sync()
             proxy.accept()
             await back.wait()
-            await items.assert_(3, Item("after"))
             async with asyncio.timeout(TIMEOUT):
-                marker = await anext(sub)
+                marker = await anext(sub)  # the subscription was sent again
             assert marker == cdb.Resubscribed(cdb.ReconnectMode.LIVE_ONLY, 0)
+            await reader.sync()  # answered in order: the server has the subscription again
+            await items.assert_(3, Item("after"))
             change = await next_change(sub)
             assert change.type is cdb.ChangeType.CREATED and change.value == Item("after")
 

@@ -239,8 +239,9 @@ async def test_retract_then_patch_in_one_window_restarts_from_zero(writer: WireC
 
 
 async def test_reads_see_only_committed_state(tmp_path: Path) -> None:
-    # a long window: the write is still pending when the query arrives
-    async with running_server(tmp_path, "--window-ms", "500") as slow:
+    # a long window: the kind's flush has just run, so the next one is two seconds away and
+    # the write is still pending when the query arrives
+    async with running_server(tmp_path, "--window-ms", "2000") as slow:
         client = await WireClient.open(slow.host, slow.port)
         await client.connect(ConnectMode.CLAIM, source_id=3)
         kind = await register(client, PLAYER.definition)

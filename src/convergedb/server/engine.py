@@ -36,6 +36,14 @@ BACKLOG_WINDOWS: Final = 10
 """While a flush commits, connections read on until the next accumulator has waited this many
 windows (see `Engine.overdue`)."""
 
+COMPUTE_SLICE: Final = 4096
+"""A flush computes its net changes this many entities at a time, letting the event loop serve
+connections in between (only a flush bigger than this yields: an expiry, an epoch end)."""
+NOTIFY_SLICE: Final = 2048
+"""Changes handed to the subscriptions at a time, the event loop served in between."""
+NOTIFY_BACKLOG: Final = 8
+"""Flushes whose notifications may wait behind the one being sent before flushing waits too."""
+
 _EVENT_CAUSE: Final = {
     DeleteCause.RETRACTED: EventCause.CLIENT_WRITE,
     DeleteCause.EPOCH_END: EventCause.EPOCH_END,
@@ -152,8 +160,16 @@ class Engine:
         self._dirty = False
         self._first_dirty_at = 0.0
         self._committing = False
+        self._last_flush_start = 0.0
         self._wake = asyncio.Event()
         self._waiters: dict[int, list[asyncio.Future[int]]] = {}
+        self._notified_waiters: dict[int, list[asyncio.Future[int]]] = {}
+        self.notified_generation = 0
+        """The last generation whose changes and events the listeners have all been given."""
+        self._notifications: deque[_Notification] = deque()
+        self._notify_lock = asyncio.Lock()
+        self._notify_wake = asyncio.Event()
+        self._notifier: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convergedb-store")
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -497,26 +513,44 @@ class Engine:
         self._held_readers.append(resume)
 
     def wait_flushed(self, generation: int) -> asyncio.Future[int]:
-        """A future resolved with the flush seq once generation `generation` has committed."""
+        """A future resolved with the flush seq once generation `generation` has committed and
+        queries see it (SYNC); its notifications may still be on their way."""
+        return self._wait(self._waiters, self.flushed_generation, generation)
+
+    def wait_notified(self, generation: int) -> asyncio.Future[int]:
+        """A future resolved once generation `generation` has committed and the listeners have
+        been given its changes and events (a new subscription starts from there)."""
+        return self._wait(self._notified_waiters, self.notified_generation, generation)
+
+    def _wait(
+        self, waiters: dict[int, list[asyncio.Future[int]]], reached: int, generation: int
+    ) -> asyncio.Future[int]:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        if generation <= self.flushed_generation:
+        if generation <= reached:
             future.set_result(self.seq)
         else:
-            self._waiters.setdefault(generation, []).append(future)
+            waiters.setdefault(generation, []).append(future)
         return future
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="convergedb-flush")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="convergedb-flush")
+        self._notifier = loop.create_task(self._notify_forever(), name="convergedb-notify")
 
     async def _run(self) -> None:
         try:
             while True:
                 await self._wake.wait()
                 if not self._closing:
-                    delay = self._first_dirty_at + self.window_s - time.monotonic()
+                    # at most one flush per window, counted from the last flush's start: an
+                    # idle engine flushes a write at once, a busy one every window
+                    delay = self._last_flush_start + self.window_s - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                await self.flush()
+                self._last_flush_start = time.monotonic()
+                await self._flush_durably()
+                if len(self._notifications) > NOTIFY_BACKLOG:
+                    await self._notify_pending()  # the subscribers are behind: wait for them
                 if self._closing and not self._dirty:
                     return
         except Exception as exc:
@@ -526,7 +560,13 @@ class Engine:
                 self.on_failure(exc)
 
     async def flush(self) -> None:
-        """Flush the accumulator now: compute, commit durably, apply, notify."""
+        """Flush the accumulator now: compute, commit durably, apply, then notify (all done
+        when this returns; the flush loop leaves the notifying to its own task)."""
+        await self._flush_durably()
+        await self._notify_pending()
+
+    async def _flush_durably(self) -> None:
+        """Compute, commit, apply; answer the SYNCs it covers; queue its notifications."""
         started = time.perf_counter()
         accumulator, self._accumulator = self._accumulator, {}
         kinds, self._dirty_kinds = self._dirty_kinds, {}
@@ -540,44 +580,96 @@ class Engine:
             resume()
         if events:
             events = self._number_events(events, kinds)
-        seq, changes, write = self._compute(accumulator)
-        write.kinds = [kind.stored() for kind in kinds.values()]
-        self._take_removals(accumulator, write)
-        write.source_deadlines, self._new_deadlines = self._new_deadlines, {}
-        if write.log or write.direct or write.kinds or write.removed or write.source_deadlines:
-            self._in_flight = accumulator
-            self._committing = True
-            loop = asyncio.get_running_loop()
-            try:
-                await loop.run_in_executor(self._executor, self.store.commit, write)
-            finally:
-                self._committing = False
-            self._apply(accumulator, write)
+        self._in_flight = accumulator  # from now on writes see it as what will be committed
+        try:
+            seq, changes, write = await self._compute_in_slices(accumulator)
+            write.kinds = [kind.stored() for kind in kinds.values()]
+            self._take_removals(accumulator, write)
+            write.source_deadlines, self._new_deadlines = self._new_deadlines, {}
+            if write.log or write.direct or write.kinds or write.removed or write.source_deadlines:
+                self._committing = True
+                loop = asyncio.get_running_loop()
+                try:
+                    await loop.run_in_executor(self._executor, self.store.commit, write)
+                finally:
+                    self._committing = False
+                self._apply(accumulator, write)
+        finally:
             self._in_flight = {}
         self.seq = seq
         self.flushed_generation = generation
+        self.flushes += 1
         self.last_flush_seconds = time.perf_counter() - started
         if self.on_flushed is not None:
             self.on_flushed(self.last_flush_seconds)
-        if changes:
+        _resolve(self._waiters, generation, seq)
+        self._notifications.append(_Notification(generation, seq, changes, events))
+        self._notify_wake.set()
+
+    async def _notify_forever(self) -> None:
+        while True:
+            await self._notify_wake.wait()
+            self._notify_wake.clear()
+            await self._notify_pending()
+
+    async def _notify_pending(self) -> None:
+        """Give the listeners every queued flush's changes and events, in flush order; a big
+        flush's changes go in slices, the event loop served in between (other flushes go on)."""
+        async with self._notify_lock:
+            while self._notifications:
+                generation, seq, changes, events = self._notifications.popleft()
+                try:
+                    await self._notify(seq, changes, events)
+                finally:
+                    self.notified_generation = generation
+                    _resolve(self._notified_waiters, generation, seq)
+
+    async def _notify(self, seq: int, changes: list[Change], events: list[Event]) -> None:
+        for start in range(0, len(changes), NOTIFY_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            part = (
+                changes if len(changes) <= NOTIFY_SLICE else changes[start : start + NOTIFY_SLICE]
+            )
             for listener in self.commit_listeners:
-                listener(seq, changes)
+                listener(seq, part)
         if events:
             for event_listener in self.event_listeners:
                 event_listener(events)
-        self.flushes += 1
-        self._resolve_waiters(generation)
 
-    def _compute(self, accumulator: Accumulator) -> tuple[int, list[Change], FlushWrite]:
-        """The net change of every touched entity against its committed state.
+    async def _compute_in_slices(
+        self, accumulator: Accumulator
+    ) -> tuple[int, list[Change], FlushWrite]:
+        """`_compute`, a slice of `COMPUTE_SLICE` entities at a time when the flush is bigger."""
+        if sum(map(len, accumulator.values())) <= COMPUTE_SLICE:
+            return self._compute(accumulator)
+        plan = None
+        for kind_id, per_kind in accumulator.items():
+            items = list(per_kind.items())
+            for start in range(0, len(items), COMPUTE_SLICE):
+                part = {kind_id: dict(items[start : start + COMPUTE_SLICE])}
+                plan = self._compute(part, plan)
+                await asyncio.sleep(0)
+        assert plan is not None
+        return plan
+
+    def _compute(
+        self, accumulator: Accumulator, plan: tuple[int, list[Change], FlushWrite] | None = None
+    ) -> tuple[int, list[Change], FlushWrite]:
+        """The net change of every touched entity against its committed state: (the flush's
+        seq, the changes of watched kinds, what to commit). With `plan`, the result of the
+        slices before, adds to it.
 
         Sets each changed entry's result. `Change`s are built only for kinds that someone
         watches. The hottest loop of the server: the common paths are inline, and entities are
         made with `tuple.__new__` (what `Entity(...)` does, without its Python-level frame).
         """
         seq = self.seq + 1
-        changes: list[Change] = []
-        write = FlushWrite(seq)
+        if plan is None:
+            changes: list[Change] = []
+            write = FlushWrite(self.seq)
+        else:
+            _, changes, write = plan
         changed = 0
         now_ms = int(time.time() * 1000)
         by_id = self.catalog.by_id
@@ -644,13 +736,12 @@ class Engine:
                     write.direct.append((kind_id, eid, entity))
                 changed += 1
                 if watched:
-                    changes.append(Change(kind, eid, what, entity, previous, meta))
+                    changes.append(make(Change, (kind, eid, what, entity, previous, meta)))
             kind.alive += born + revived - died
             kind.tombstones += died - revived
-        if not changed:
-            seq = self.seq
-        write.seq = seq
-        return seq, changes, write
+        if changed:  # the seq is the next one only if something changed
+            write.seq = seq
+        return write.seq, changes, write
 
     @staticmethod
     def _record_state(
@@ -704,19 +795,34 @@ class Engine:
                 kind.entities.pop(eid, None)
         self.compacted_seq = write.compacted_seq
 
-    def _resolve_waiters(self, generation: int) -> None:
-        for waiting in sorted(g for g in self._waiters if g <= generation):
-            for future in self._waiters.pop(waiting):
-                if not future.done():
-                    future.set_result(self.seq)
-
     async def close(self) -> None:
-        """Flush everything received, then stop the flush loop and the store thread."""
+        """Flush everything received and send its notifications, then stop the flush loop,
+        the notifier and the store thread."""
         self._closing = True
         self._wake.set()
         if self._task is not None:
             await self._task
+        await self._notify_pending()
+        if self._notifier is not None:
+            self._notifier.cancel()
         self._executor.shutdown(wait=True)
+
+
+class _Notification(NamedTuple):
+    """A committed flush's changes and events, queued for the listeners."""
+
+    generation: int
+    seq: int
+    changes: list[Change]
+    events: list[Event]
+
+
+def _resolve(waiters: dict[int, list[asyncio.Future[int]]], generation: int, seq: int) -> None:
+    """Resolve the futures waiting for `generation` or an earlier one."""
+    for waiting in sorted(g for g in waiters if g <= generation):
+        for future in waiters.pop(waiting):
+            if not future.done():
+                future.set_result(seq)
 
 
 _new_tuple: Final = tuple.__new__

@@ -138,10 +138,15 @@ def _decode_kind(kind_id: int, value: bytes) -> StoredKind:
 class Store:
     """The LMDB environment of a data directory. Writes come from one thread at a time."""
 
-    def __init__(self, data_dir: Path, *, fsync: bool = True) -> None:
+    def __init__(self, data_dir: Path, *, fsync: bool = True, metasync: bool | None = None) -> None:
+        """`fsync`: commits are durable when they return. `metasync` (default: as `fsync`):
+        False syncs a commit's data but not its meta page, so a system crash may undo the last
+        commit without corrupting anything (LMDB's NOMETASYNC): for the checkpointer, whose
+        commits only move what the log already holds durably."""
         data_dir.mkdir(parents=True, exist_ok=True)
         self._path = data_dir / "store"
         self._fsync = fsync
+        self._metasync = fsync if metasync is None else metasync and fsync
         self._open()
         self._check_format()
 
@@ -152,7 +157,7 @@ class Store:
                 map_size=MAP_SIZE,
                 max_dbs=8,
                 sync=self._fsync,
-                metasync=self._fsync,
+                metasync=self._metasync,
                 readahead=False,
                 max_readers=256,
             )

@@ -526,10 +526,10 @@ class SubscriptionHub:
         """
         engine = self.engine
         computed = engine.generation - 1
-        if engine.flushed_generation >= computed:
+        if engine.notified_generation >= computed:
             start()
         else:
-            engine.wait_flushed(computed).add_done_callback(lambda _done: start())
+            engine.wait_notified(computed).add_done_callback(lambda _done: start())
 
     def _start(self, sub: StateSubscription, bootstrap: bool, since: int | None) -> None:
         """Reply OK with the committed seq, then bootstrap (a task) or go live."""
