@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from enum import IntEnum
+from itertools import islice
 from typing import Any, Final, NamedTuple
 
 from ..protocol.codes import DeleteCause, EventCause, Opcode
@@ -32,7 +33,7 @@ from .table import Entity
 
 log = logging.getLogger("convergedb.engine")
 
-BACKLOG_WINDOWS: Final = 10
+BACKLOG_WINDOWS: Final = 50
 """While a flush commits, connections read on until the next accumulator has waited this many
 windows (see `Engine.overdue`)."""
 
@@ -159,7 +160,7 @@ class Engine:
         self._dirty_kinds: dict[int, KindState] = {}
         self._dirty = False
         self._first_dirty_at = 0.0
-        self._committing = False
+        self._flushing = False
         self._last_flush_start = 0.0
         self._wake = asyncio.Event()
         self._waiters: dict[int, list[asyncio.Future[int]]] = {}
@@ -496,15 +497,15 @@ class Engine:
         The event loop may keep reading busy sockets for a long time before it runs timers;
         connections ask this after each read and, when it is true, stop reading until the next
         flush has taken the accumulator (`hold_reading`). True once the accumulator has waited
-        a whole window while no flush is committing (the flush is due: let it run), or
+        a whole window while no flush is under way (the flush is due: let it run), or
         `BACKLOG_WINDOWS` windows whatever happens (the disk is behind: push back on writers).
-        While a flush commits, the loop would otherwise sit idle through the fsync: reading on
-        lets the next flush carry what arrived meanwhile.
+        While a flush computes and commits, the next cannot start anyway, and the loop would
+        sit idle through the fsync: reading on lets the next flush carry what arrived meanwhile.
         """
         if not self._dirty:
             return False
         waited = time.monotonic() - self._first_dirty_at
-        if self._committing:
+        if self._flushing:
             return waited >= self.window_s * BACKLOG_WINDOWS
         return waited >= self.window_s
 
@@ -581,21 +582,19 @@ class Engine:
         if events:
             events = self._number_events(events, kinds)
         self._in_flight = accumulator  # from now on writes see it as what will be committed
+        self._flushing = True
         try:
             seq, changes, write = await self._compute_in_slices(accumulator)
             write.kinds = [kind.stored() for kind in kinds.values()]
             self._take_removals(accumulator, write)
             write.source_deadlines, self._new_deadlines = self._new_deadlines, {}
             if write.log or write.direct or write.kinds or write.removed or write.source_deadlines:
-                self._committing = True
                 loop = asyncio.get_running_loop()
-                try:
-                    await loop.run_in_executor(self._executor, self.store.commit, write)
-                finally:
-                    self._committing = False
+                await loop.run_in_executor(self._executor, self.store.commit, write)
                 self._apply(accumulator, write)
         finally:
             self._in_flight = {}
+            self._flushing = False
         self.seq = seq
         self.flushed_generation = generation
         self.flushes += 1
@@ -642,23 +641,28 @@ class Engine:
     ) -> tuple[int, list[Change], FlushWrite]:
         """`_compute`, a slice of `COMPUTE_SLICE` entities at a time when the flush is bigger."""
         if sum(map(len, accumulator.values())) <= COMPUTE_SLICE:
-            return self._compute(accumulator)
+            return self._compute(
+                [(kind_id, entries.items()) for kind_id, entries in accumulator.items()]
+            )
         plan = None
         for kind_id, per_kind in accumulator.items():
-            items = list(per_kind.items())
-            for start in range(0, len(items), COMPUTE_SLICE):
-                part = {kind_id: dict(items[start : start + COMPUTE_SLICE])}
-                plan = self._compute(part, plan)
+            # one iterator across the slices: the accumulator no longer changes (new writes
+            # go to the next one), so iterating it across the pauses is safe
+            items = iter(per_kind.items())
+            for _ in range(0, len(per_kind), COMPUTE_SLICE):
+                plan = self._compute([(kind_id, islice(items, COMPUTE_SLICE))], plan)
                 await asyncio.sleep(0)
         assert plan is not None
         return plan
 
     def _compute(
-        self, accumulator: Accumulator, plan: tuple[int, list[Change], FlushWrite] | None = None
+        self,
+        parts: list[tuple[int, Iterable[tuple[bytes, Entry]]]],
+        plan: tuple[int, list[Change], FlushWrite] | None = None,
     ) -> tuple[int, list[Change], FlushWrite]:
-        """The net change of every touched entity against its committed state: (the flush's
-        seq, the changes of watched kinds, what to commit). With `plan`, the result of the
-        slices before, adds to it.
+        """The net change of the touched entities in `parts` ((kind id, its entries) pairs)
+        against their committed state: (the flush's seq, the changes of watched kinds, what to
+        commit). With `plan`, the result of the slices before, adds to it.
 
         Sets each changed entry's result. `Change`s are built only for kinds that someone
         watches. The hottest loop of the server: the common paths are inline, and entities are
@@ -677,7 +681,7 @@ class Engine:
         log_head = LOG_HEAD.pack
         head_size = ENTITY_HEAD_SIZE
         log = write.log
-        for kind_id, per_kind in accumulator.items():
+        for kind_id, items in parts:
             kind = by_id[kind_id]
             version = kind.schema_version
             watched = kind.watchers > 0
@@ -685,7 +689,7 @@ class Engine:
             logged = entities is not None
             lookup = entities.get if entities is not None else self._stored_lookup(kind)
             born = died = revived = 0
-            for eid, entry in per_kind.items():
+            for eid, entry in items:
                 row, set_bits, clear_bits, meta, cause, _ = entry
                 base = lookup(eid)
                 previous: bytes | None = None
