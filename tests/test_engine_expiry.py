@@ -1,6 +1,9 @@
-"""The bulk retraction of a dead source (`Engine.retract_everywhere`) against the general path
-(`held_by` then `retract_many`): same committed states, same count, whatever the window and the
-flush in flight hold. Run on two real engines over real stores, side by side."""
+"""The bulk retractions of a dead source against the general path (`held_by` then
+`retract_many`): `Engine.retract_everywhere` (same committed states, same count, whatever the
+window and the flush in flight hold), and `Engine.expire`, prepared in slices while regular
+flushes commit writes that change the entities it is computing (the same committed states,
+counts and notified changes as the general path applied at the flush that commits it, and the
+same again after a restart). Run on real engines over real stores, side by side."""
 
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ from pathlib import Path
 
 from convergedb import id_from_int
 from convergedb.protocol.codes import DeleteCause
+from convergedb.schema.patch import encode_patch
 from convergedb.server.catalog import Catalog, KindState
-from convergedb.server.engine import Engine
+from convergedb.server.engine import EXPIRY_SEQ_GAP, Change, Engine
 from convergedb.server.storage import Store
 from kinds import PLAYER, Player
 
@@ -39,16 +43,21 @@ def apply(engine: Engine, kind: KindState, writes: list[tuple[str, int, int, int
         eid = id_from_int(i)
         if op == "assert":
             engine.write_assert(kind, eid, row(i, version), bit, b"")
+        elif op == "patch":
+            mask, values = encode_patch(kind.codec, {1: version + i % 7})
+            engine.write_patch(kind, eid, mask, values, bit, b"")
         else:
             engine.write_retract(kind, eid, bit, b"")
 
 
-def random_writes(rng: random.Random, count: int, version: int) -> list[tuple[str, int, int, int]]:
+def random_writes(
+    rng: random.Random, count: int, version: int, sources: tuple[int, ...] = (DEAD, OTHER)
+) -> list[tuple[str, int, int, int]]:
     return [
         (
-            "retract" if rng.random() < 0.2 else "assert",
+            rng.choices(("assert", "patch", "retract"), (7, 1, 2))[0],
             rng.randrange(ENTITIES),
-            rng.choice((DEAD, OTHER)),
+            rng.choice(sources),
             version,
         )
         for _ in range(count)
@@ -96,3 +105,123 @@ async def test_the_bulk_expiry_matches_the_general_path(tmp_path: Path) -> None:
         for engine in (general, bulk):
             await engine.close()
             engine.store.close()
+
+
+def listen(engine: Engine) -> list[tuple[int, list[Change]]]:
+    flushes: list[tuple[int, list[Change]]] = []
+    engine.commit_listeners.append(lambda seq, changes: flushes.append((seq, list(changes))))
+    return flushes
+
+
+def notified(changes: list[Change]) -> set[tuple[bytes, int, int, int, bytes | None]]:
+    return {(c.eid, c.change, c.entity.version, c.entity.sources, c.previous) for c in changes}
+
+
+async def expiry_scenario(
+    engine: Engine, kind: KindState, seed: int, expire_at: int | None
+) -> int | None:
+    """Committed history, a flush in flight and a window with the dead source's writes; then
+    flushes of the other source's writes (assert, patch, retract of the same entities).
+
+    With `expire_at` None, `Engine.expire` runs right after the window, in small slices, and
+    this returns the number of the flush that committed it. Otherwise the general path
+    retracts the dead source just before flush number `expire_at`."""
+    rng = random.Random(seed)
+    apply(engine, kind, random_writes(rng, 600, 1))
+    await engine.flush()
+    apply(engine, kind, random_writes(rng, 200, 2))
+    in_flight = asyncio.ensure_future(engine.flush())
+    await asyncio.sleep(0)
+    assert engine._in_flight, "the flush should be committing"
+    apply(engine, kind, random_writes(rng, 200, 3))
+    if expire_at is None:
+        engine.compute_slice = 4
+        engine.expire(DEAD, DeleteCause.LIVENESS)
+        reserved = engine.seq + EXPIRY_SEQ_GAP
+    await in_flight
+    for number in range(8):
+        apply(engine, kind, random_writes(rng, 30, 4 + number, (OTHER,)))
+        for _ in range(rng.randrange(4)):
+            await asyncio.sleep(0)  # a slice of the expiry, perhaps
+        if number == expire_at:
+            engine.retract_many(engine.held_by(DEAD, system=True), DEAD, DeleteCause.LIVENESS)
+        before = engine.seq
+        await engine.flush()
+        if expire_at is None and engine.seq == reserved:
+            assert engine._expiry is None
+            return number
+        if number == expire_at:
+            return number
+        assert engine.seq < reserved if expire_at is None else True
+        assert engine.seq >= before
+    assert expire_at is not None, "the expiry should have committed within 8 flushes"
+    return None
+
+
+async def test_an_expiry_prepared_beside_flushes_matches_the_general_path(
+    tmp_path: Path,
+) -> None:
+    for seed in range(12):
+        prepared, prepared_kind = make_engine(tmp_path / f"prepared{seed}")
+        general, general_kind = make_engine(tmp_path / f"general{seed}")
+        prepared_flushes, general_flushes = listen(prepared), listen(general)
+        committed_at = await expiry_scenario(prepared, prepared_kind, seed, None)
+        assert committed_at is not None
+        await expiry_scenario(general, general_kind, seed, committed_at)
+        assert committed(prepared_kind) == committed(general_kind)
+        assert not any(e.sources & DEAD for e in prepared_kind.entities.values())  # type: ignore[union-attr]
+        assert (prepared_kind.alive, prepared_kind.tombstones) == (
+            general_kind.alive,
+            general_kind.tombstones,
+        )
+        # the same changes, flush by flush; seqs increase in commit order (the expiry's
+        # flush is numbered ahead, by the gap it reserved)
+        assert len(prepared_flushes) == len(general_flushes)
+        for (seq, changes), (_, expected) in zip(prepared_flushes, general_flushes, strict=True):
+            assert notified(changes) == notified(expected)
+            assert all(c.entity.seq == seq for c in changes)
+        seqs = [seq for seq, _ in prepared_flushes]
+        assert seqs == sorted(seqs) and seqs[-1] - seqs[-2] > EXPIRY_SEQ_GAP // 2
+        assert any(c.entity.cause == DeleteCause.LIVENESS for c in prepared_flushes[-1][1])
+        # what it committed is what a restart reads back (log records computed again win)
+        state = committed(prepared_kind)
+        await prepared.close()
+        prepared.store.close()
+        reopened, reopened_kind = make_engine(tmp_path / f"prepared{seed}")
+        assert committed(reopened_kind) == state
+        assert reopened.seq == seqs[-1]
+        for engine in (reopened, general):
+            await engine.close()
+            engine.store.close()
+
+
+async def test_a_source_reclaimed_while_its_expiry_is_prepared_keeps_its_new_writes(
+    tmp_path: Path,
+) -> None:
+    """A reconnection after the deadline: the expiry comes first, then the new writes."""
+    engine, kind = make_engine(tmp_path / "reclaimed")
+    rng = random.Random(7)
+    apply(engine, kind, random_writes(rng, 600, 1))
+    await engine.flush()
+    engine.compute_slice = 4
+    engine.expire(DEAD, DeleteCause.LIVENESS)
+    for _ in range(10):
+        await asyncio.sleep(0)  # some slices
+    assert engine._expiry is not None and not engine._expiry.ready
+    engine.source_reused(DEAD)
+    assert engine._expiry is None
+    rewritten = {i for op, i, _, _ in [("assert", i, DEAD, 9) for i in range(0, ENTITIES, 3)]}
+    apply(engine, kind, [("assert", i, DEAD, 9) for i in sorted(rewritten)])
+    await engine.flush()
+    for _ in range(50):
+        await asyncio.sleep(0)  # a preparation that did not stop would finish here
+    await engine.flush()
+    assert kind.entities is not None
+    held = {
+        i for i in range(ENTITIES) if (e := kind.entities.get(id_from_int(i))) and e.sources & DEAD
+    }
+    assert held == rewritten
+    for i in rewritten:
+        assert kind.entities[id_from_int(i)].row == row(i, 9)
+    await engine.close()
+    engine.store.close()

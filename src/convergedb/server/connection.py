@@ -292,6 +292,7 @@ class ServerConnection(asyncio.Protocol):
                 previous = server.sources.claim(request.source_id, self, takeover=takeover)
                 self.source_id = request.source_id
             self.bit = 1 << self.source_id
+            self.engine.source_reused(self.bit)  # an expiry of it comes before its writes
             self.read_only = False
             if previous is not None:
                 previous.taken_over()

@@ -40,6 +40,9 @@ windows (see `Engine.overdue`)."""
 COMPUTE_SLICE: Final = 4096
 """A flush computes its net changes this many entities at a time, letting the event loop serve
 connections in between (only a flush bigger than this yields: an expiry, an epoch end)."""
+EXPIRY_SEQ_GAP: Final = 1 << 20
+"""How far ahead of the committed seq an expiry prepared in the background is numbered: the
+regular flushes that commit while it is prepared take the seqs in between (see `_Expiry`)."""
 NOTIFY_SLICE: Final = 2048
 """Changes handed to the subscriptions at a time, the event loop served in between."""
 NOTIFY_BACKLOG: Final = 8
@@ -118,6 +121,8 @@ _RETRACT_OP: Final = int(Opcode.RETRACT)
 
 
 Accumulator = dict[int, dict[bytes, Entry]]
+Plan = tuple[int, list[Change], FlushWrite]
+"""A flush being computed: (its seq, the changes to notify, what to commit)."""
 CommitListener = Callable[[int, list[Change]], None]
 EventListener = Callable[[list[Event]], None]
 
@@ -157,6 +162,9 @@ class Engine:
         self._accumulator: Accumulator = {}
         self._in_flight: Accumulator = {}
         """The accumulator of the flush being committed; its entries hold their results."""
+        self._expiry: _Expiry | None = None
+        """The liveness expiry being prepared beside the regular flushes, if any."""
+        self.compute_slice = COMPUTE_SLICE
         self._dirty_kinds: dict[int, KindState] = {}
         self._dirty = False
         self._first_dirty_at = 0.0
@@ -407,6 +415,147 @@ class Engine:
                 retracted += 1
         return retracted
 
+    # liveness expiries -------------------------------------------------------------------------
+
+    def expire(self, bit: int, cause: DeleteCause) -> None:
+        """Retract a dead source's `bit` from every entity that holds it (system kinds too), in
+        one flush, ordered after every write received so far (SPEC §3).
+
+        A dead source may hold most of a kind, and computing its retraction is the biggest
+        flush there is. So its share in in-memory kinds is prepared in the background, a slice
+        at a time, while regular flushes go on committing the other writers' writes; when it
+        is ready it commits as one flush with the writes received by then (see `_Expiry`).
+        Another expiry while one is being prepared, or one while closing, goes through the
+        accumulator into the next flush.
+        """
+        if self._expiry is not None or self._closing:
+            self.retract_everywhere(bit, cause, system=True)
+            return
+        expiry = self._expiry = _Expiry(bit, cause, self.seq + EXPIRY_SEQ_GAP)
+        snapshots: list[tuple[KindState, list[tuple[bytes, Entity]]]] = []
+        for kind in self.catalog.by_id.values():
+            if kind.entities is None or kind.event_stream:
+                continue  # retracted through the accumulator when the expiry commits
+            kind_id = kind.kind_id
+            snapshots.append((kind, list(kind.entities.items())))
+            expiry.entries[kind_id] = {}
+            expiry.versions[kind_id] = kind.schema_version
+            # what the flush in flight and this window will change is computed at the end
+            expiry.dirty[kind_id] = {
+                *self._in_flight.get(kind_id, ()),
+                *self._accumulator.get(kind_id, ()),
+            }
+        expiry.task = asyncio.get_running_loop().create_task(
+            self._prepare_expiry_safely(expiry, snapshots), name="convergedb-expiry"
+        )
+
+    def source_reused(self, bit: int) -> None:
+        """A connection took `bit` again (claim, takeover, allocation): an expiry of it still
+        being prepared must come before that connection's writes, so it goes into this window
+        through the accumulator instead."""
+        expiry = self._expiry
+        if expiry is not None and expiry.bit == bit:
+            self._retract_through_accumulator(expiry)
+
+    def _retract_through_accumulator(self, expiry: _Expiry) -> None:
+        """Give up preparing `expiry` (nothing of it was applied) and retract its bit in the
+        current window instead."""
+        self._expiry = None
+        self.retract_everywhere(expiry.bit, expiry.cause, system=True)
+
+    async def _prepare_expiry_safely(
+        self, expiry: _Expiry, snapshots: list[tuple[KindState, list[tuple[bytes, Entity]]]]
+    ) -> None:
+        try:
+            await self._prepare_expiry(expiry, snapshots)
+        except Exception:  # a bug here must not keep a dead source's entities alive
+            log.exception("preparing the expiry of a source failed: retracting it directly")
+            if expiry is self._expiry:
+                self._retract_through_accumulator(expiry)
+
+    async def _prepare_expiry(
+        self, expiry: _Expiry, snapshots: list[tuple[KindState, list[tuple[bytes, Entity]]]]
+    ) -> None:
+        """Compute the expiry's retraction from the committed state, a slice at a time, the
+        event loop served (and regular flushes committed) in between; then wake the flush
+        loop to commit it. A regular flush that changes an entity already computed marks it
+        dirty (`_apply`): it is computed again when the expiry commits."""
+        bit, cause = expiry.bit, expiry.cause
+        for kind, snapshot in snapshots:
+            kind_id = kind.kind_id
+            entries = expiry.entries[kind_id]
+            dirty = expiry.dirty[kind_id]
+            step = self.compute_slice
+            for start in range(0, len(snapshot), step):
+                await asyncio.sleep(0)
+                if expiry is not self._expiry:
+                    return  # given up (`source_reused`, `close`)
+                fresh: list[tuple[bytes, Entry]] = []
+                for eid, held in snapshot[start : start + step]:
+                    # another source cannot clear this bit, and a write of this source from
+                    # before the expiry is in `dirty`: the snapshot says who holds it
+                    if held[2] & bit:
+                        entry: Entry = [None, 0, bit, b"", cause, None]
+                        entries[eid] = entry
+                        if eid not in dirty:
+                            fresh.append((eid, entry))
+                expiry.plan = self._compute(
+                    [(kind_id, fresh)], expiry.plan, expiry.seq, expiry.tally
+                )
+        if expiry is self._expiry:
+            expiry.ready = True
+            self._mark_dirty()
+
+    def _complete_expiry(self, expiry: _Expiry) -> None:
+        """Before the expiry's flush takes the accumulator: retract its bit from what its
+        preparation could not compute (entities changed since, or written in this window;
+        disk-backed and event-stream kinds) through the accumulator, after this window's
+        writes; drop what it computed for them; count its births and deaths."""
+        by_id = self.catalog.by_id
+        plan = expiry.plan
+        stale: set[tuple[int, bytes]] = set()
+        retracted = 0
+        for kind_id, entries in expiry.entries.items():
+            kind = by_id[kind_id]
+            redo = expiry.dirty[kind_id]
+            redo.update(self._accumulator.get(kind_id, {}).keys() & entries.keys())
+            if kind.schema_version != expiry.versions[kind_id]:
+                redo.update(entries)  # its rows were evolved meanwhile
+            counts = expiry.tally.setdefault(kind_id, [0, 0])
+            for eid in redo:
+                entry = entries.pop(eid, None)
+                computed = None if entry is None else entry[_RESULT]
+                if computed is not None:
+                    stale.add((kind_id, eid))
+                    if not computed[2]:  # it counted a death that may not happen
+                        counts[0] += 1
+                        counts[1] -= 1
+                    if plan is not None:  # supersedes its record in the log value
+                        now = self.committed(kind, eid)
+                        assert now is not None, "an entity a source holds is not compacted"
+                        plan[2].log_entity(kind_id, eid, now)
+                if self.write_retract(kind, eid, expiry.bit, b"", expiry.cause):
+                    retracted += 1
+            retracted += len(entries)
+            self.retracts += len(entries)
+        for kind_id, (alive, tombstones) in expiry.tally.items():
+            by_id[kind_id].alive += alive
+            by_id[kind_id].tombstones += tombstones
+        if stale and plan is not None:
+            plan[1][:] = [c for c in plan[1] if (c.kind.kind_id, c.eid) not in stale]
+        for kind in list(by_id.values()):
+            if kind.kind_id not in expiry.entries:
+                held = self._held_in(kind, expiry.bit)
+                retracted += self.retract_many(
+                    [(kind, eid) for eid in held], expiry.bit, expiry.cause
+                )
+        log.info(
+            "expiry of source %d: retracted from %d entities (flush %d)",
+            expiry.bit.bit_length() - 1,
+            retracted,
+            expiry.seq,
+        )
+
     def sources_in_use(self) -> int:
         """The union of every committed entity's source set (at start-up: who holds what)."""
         used = 0
@@ -567,8 +716,15 @@ class Engine:
         await self._notify_pending()
 
     async def _flush_durably(self) -> None:
-        """Compute, commit, apply; answer the SYNCs it covers; queue its notifications."""
+        """Compute, commit, apply; answer the SYNCs it covers; queue its notifications.
+
+        When an expiry has been prepared, this flush is it: the writes received so far, then
+        the expiry's retraction, numbered with the seq the expiry reserved."""
         started = time.perf_counter()
+        expiry = self._expiry if self._expiry is not None and self._expiry.ready else None
+        if expiry is not None:
+            self._expiry = None
+            self._complete_expiry(expiry)
         accumulator, self._accumulator = self._accumulator, {}
         kinds, self._dirty_kinds = self._dirty_kinds, {}
         generation = self.generation
@@ -581,17 +737,25 @@ class Engine:
             resume()
         if events:
             events = self._number_events(events, kinds)
-        self._in_flight = accumulator  # from now on writes see it as what will be committed
+        in_flight = accumulator if expiry is None else expiry.merged_with(accumulator)
+        self._in_flight = in_flight  # from now on writes see it as what will be committed
         self._flushing = True
         try:
-            seq, changes, write = await self._compute_in_slices(accumulator)
+            if expiry is None:
+                seq, changes, write = await self._compute_in_slices(accumulator, None, self.seq + 1)
+            else:
+                seq, changes, write = await self._compute_in_slices(
+                    accumulator, expiry.plan, expiry.seq
+                )
+                if seq != expiry.seq:  # nothing changed after all (the plan's seq is older)
+                    seq = write.seq = self.seq
             write.kinds = [kind.stored() for kind in kinds.values()]
             self._take_removals(accumulator, write)
             write.source_deadlines, self._new_deadlines = self._new_deadlines, {}
             if write.log or write.direct or write.kinds or write.removed or write.source_deadlines:
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self._executor, self.store.commit, write)
-                self._apply(accumulator, write)
+                self._apply(in_flight, write)
         finally:
             self._in_flight = {}
             self._flushing = False
@@ -637,20 +801,20 @@ class Engine:
                 event_listener(events)
 
     async def _compute_in_slices(
-        self, accumulator: Accumulator
-    ) -> tuple[int, list[Change], FlushWrite]:
-        """`_compute`, a slice of `COMPUTE_SLICE` entities at a time when the flush is bigger."""
-        if sum(map(len, accumulator.values())) <= COMPUTE_SLICE:
+        self, accumulator: Accumulator, plan: Plan | None, seq: int
+    ) -> Plan:
+        """`_compute`, a slice of `compute_slice` entities at a time when the flush is bigger."""
+        step = self.compute_slice
+        if sum(map(len, accumulator.values())) <= step:
             return self._compute(
-                [(kind_id, entries.items()) for kind_id, entries in accumulator.items()]
+                [(kind_id, entries.items()) for kind_id, entries in accumulator.items()], plan, seq
             )
-        plan = None
         for kind_id, per_kind in accumulator.items():
             # one iterator across the slices: the accumulator no longer changes (new writes
             # go to the next one), so iterating it across the pauses is safe
             items = iter(per_kind.items())
-            for _ in range(0, len(per_kind), COMPUTE_SLICE):
-                plan = self._compute([(kind_id, islice(items, COMPUTE_SLICE))], plan)
+            for _ in range(0, len(per_kind), step):
+                plan = self._compute([(kind_id, islice(items, step))], plan, seq)
                 await asyncio.sleep(0)
         assert plan is not None
         return plan
@@ -658,17 +822,21 @@ class Engine:
     def _compute(
         self,
         parts: list[tuple[int, Iterable[tuple[bytes, Entry]]]],
-        plan: tuple[int, list[Change], FlushWrite] | None = None,
-    ) -> tuple[int, list[Change], FlushWrite]:
+        plan: Plan | None,
+        seq: int,
+        tally: dict[int, list[int]] | None = None,
+    ) -> Plan:
         """The net change of the touched entities in `parts` ((kind id, its entries) pairs)
-        against their committed state: (the flush's seq, the changes of watched kinds, what to
-        commit). With `plan`, the result of the slices before, adds to it.
+        against their committed state, as flush `seq`: (the flush's seq, the changes of
+        watched kinds, what to commit). With `plan`, the result of the slices before, adds to
+        it. With `tally` (an expiry being prepared), counts the kinds' births and deaths there
+        ([alive, tombstones] by kind id) instead of in the kinds, and builds changes for every
+        kind (a subscription may begin before it commits).
 
         Sets each changed entry's result. `Change`s are built only for kinds that someone
         watches. The hottest loop of the server: the common paths are inline, and entities are
         made with `tuple.__new__` (what `Entity(...)` does, without its Python-level frame).
         """
-        seq = self.seq + 1
         if plan is None:
             changes: list[Change] = []
             write = FlushWrite(self.seq)
@@ -684,7 +852,7 @@ class Engine:
         for kind_id, items in parts:
             kind = by_id[kind_id]
             version = kind.schema_version
-            watched = kind.watchers > 0
+            watched = kind.watchers > 0 or tally is not None
             entities = kind.entities
             logged = entities is not None
             lookup = entities.get if entities is not None else self._stored_lookup(kind)
@@ -741,8 +909,13 @@ class Engine:
                 changed += 1
                 if watched:
                     changes.append(make(Change, (kind, eid, what, entity, previous, meta)))
-            kind.alive += born + revived - died
-            kind.tombstones += died - revived
+            if tally is None:
+                kind.alive += born + revived - died
+                kind.tombstones += died - revived
+            else:
+                counts = tally.setdefault(kind_id, [0, 0])
+                counts[0] += born + revived - died
+                counts[1] += died - revived
         if changed:  # the seq is the next one only if something changed
             write.seq = seq
         return write.seq, changes, write
@@ -782,12 +955,16 @@ class Engine:
         """Make a committed flush the state that queries see."""
         by_id = self.catalog.by_id
         tombstones = self._tombstones
+        expiry = self._expiry
         for kind_id, per_kind in accumulator.items():
             entities = by_id[kind_id].entities
+            prepared = None if expiry is None else expiry.entries.get(kind_id)
             for eid, entry in per_kind.items():
                 entity = entry[5]  # the result (Entry layout)
                 if entity is None:
                     continue
+                if prepared is not None and eid in prepared:  # computed against what was
+                    expiry.dirty[kind_id].add(eid)  # type: ignore[union-attr]
                 if entities is not None:
                     entities[eid] = entity
                 if not entity[2] and entity[6]:  # a new tombstone: due for compaction
@@ -803,6 +980,8 @@ class Engine:
         """Flush everything received and send its notifications, then stop the flush loop,
         the notifier and the store thread."""
         self._closing = True
+        if self._expiry is not None:
+            self._retract_through_accumulator(self._expiry)
         self._wake.set()
         if self._task is not None:
             await self._task
@@ -810,6 +989,41 @@ class Engine:
         if self._notifier is not None:
             self._notifier.cancel()
         self._executor.shutdown(wait=True)
+
+
+class _Expiry:
+    """A liveness expiry prepared beside the regular flushes (`Engine.expire`).
+
+    It is numbered `seq`, reserved `EXPIRY_SEQ_GAP` ahead when it began, so that what it
+    computes (entities, log records, changes) carries its final seq while the regular flushes
+    that commit meanwhile take the seqs in between: seq order stays commit order. Its entries
+    are the accumulator entries of a retraction of `bit`, by kind; `dirty` holds the entities
+    a flush changed after (or while) it computed them, computed again when it commits.
+    """
+
+    def __init__(self, bit: int, cause: DeleteCause, seq: int) -> None:
+        self.bit = bit
+        self.cause = cause
+        self.seq = seq
+        self.entries: Accumulator = {}
+        self.dirty: dict[int, set[bytes]] = {}
+        self.versions: dict[int, int] = {}
+        """The schema version of each kind when it began."""
+        self.tally: dict[int, list[int]] = {}
+        self.plan: Plan | None = None
+        self.ready = False
+        self.task: asyncio.Task[None] | None = None
+
+    def merged_with(self, accumulator: Accumulator) -> Accumulator:
+        """Its entries and the accumulator's (no entity is in both), for the flush to apply."""
+        merged = dict(self.entries)
+        for kind_id, per_kind in accumulator.items():
+            entries = merged.get(kind_id)
+            if entries is None:
+                merged[kind_id] = per_kind
+            else:
+                entries.update(per_kind)
+        return merged
 
 
 class _Notification(NamedTuple):
