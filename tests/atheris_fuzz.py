@@ -17,9 +17,10 @@ with the same error; after an error every `feed` raises that error again.
 
 `rows`: the input picks a schema (every field type appears in one of them) and gives a row,
 raw or built to have a consistent directory, or a valid row with some bytes changed.
-`is_valid` (the generated fast check) agrees with the detailed checks of `validate` (which
-raise only `InvalidData`), and a valid row decodes to values that encode to the same bytes
-(the canonical encoding) and splits into segments that join back to it.
+`is_valid` (the fast check; both of its implementations, the generated and the table-driven
+one) agrees with the detailed checks of `validate` (which raise only `InvalidData`), and a
+valid row decodes to values that encode to the same bytes (the canonical encoding) and splits
+into segments that join back to it.
 
 One known exception, checked for what it is: an f32 signaling NaN (exponent all ones, quiet bit
 clear, payload not zero) decodes to a Python float that encodes as the quiet NaN with the same
@@ -44,6 +45,7 @@ with atheris.instrument_imports(include=["convergedb"]):
     from convergedb.limits import HEADER_SIZE
     from convergedb.protocol.errors import ProtocolError
     from convergedb.protocol.frame import FrameReader, encode_frame
+    from convergedb.schema import fastcheck
     from convergedb.schema.errors import InvalidData
     from convergedb.schema.rows import RowCodec
     from convergedb.schema.types import Field, FieldType
@@ -182,6 +184,14 @@ def _schemas() -> list[RowCodec]:
 
 
 CODECS = _schemas()
+OTHER_CHECKS = [
+    (
+        fastcheck.compile_row_check(c.fields, c.offsets, c.fixed_size, c._variable_checks),
+        fastcheck.row_checker(c.fields, c.offsets, c.fixed_size).is_valid,
+    )
+    for c in CODECS
+]
+"""Per codec, both implementations of the fast check, whichever one the codec runs."""
 
 
 def shaped_row(codec: RowCodec, fdp: atheris.FuzzedDataProvider) -> bytes:
@@ -214,7 +224,8 @@ def detailed_ok(codec: RowCodec, row: bytes) -> bool:
 
 def check_rows(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    codec = CODECS[fdp.ConsumeIntInRange(0, len(CODECS) - 1)]
+    which = fdp.ConsumeIntInRange(0, len(CODECS) - 1)
+    codec = CODECS[which]
     makers: list[Callable[[RowCodec, atheris.FuzzedDataProvider], bytes]] = [
         lambda _c, f: f.ConsumeBytes(f.ConsumeIntInRange(0, 300)),
         shaped_row,
@@ -224,6 +235,8 @@ def check_rows(data: bytes) -> None:
     fast = codec.is_valid(row)
     assert fast is True or fast is False, fast
     assert fast == detailed_ok(codec, row), (fast, row.hex())
+    for check in OTHER_CHECKS[which]:
+        assert check(row) == fast, (check, row.hex())
     try:
         codec.validate(row)
         assert fast, row.hex()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import convergedb
+from convergedb.schema import fastcheck, rowcheck
 from convergedb.server import connection, engine, native
 
 PACKAGE = Path(convergedb.__file__).parent
@@ -19,6 +20,13 @@ PROBE = (
     "import warnings; warnings.simplefilter('always');"
     "from convergedb.server import native, engine, connection;"
     "print(native.state, engine.__file__.endswith('.py'), connection.__file__.endswith('.py'))"
+)
+
+
+ROW_CHECK_PROBE = (
+    "import warnings; warnings.simplefilter('always');"
+    "from convergedb.schema import fastcheck, rowcheck;"
+    "print(fastcheck.state, rowcheck.__file__.endswith('.py'))"
 )
 
 
@@ -41,10 +49,10 @@ def copy_of_the_package(tmp_path: Path) -> Path:
     return root
 
 
-def probe(root: Path) -> tuple[str, str]:
+def probe(root: Path, code: str = PROBE) -> tuple[str, str]:
     env = {**os.environ, "PYTHONPATH": str(root)}
     done = subprocess.run(
-        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     return done.stdout.strip(), done.stderr
 
@@ -88,3 +96,32 @@ def test_a_partial_build_is_not_run(tmp_path: Path) -> None:
     (server / "compiled.sha256").write_text(digest + "\n")
     out, _ = probe(root)
     assert out == "stale True True"
+
+
+# --- the row check (schema/rowcheck.py): its own build unit, guarded by schema/fastcheck.py ---
+
+
+def test_the_row_check_runs_as_its_guard_says() -> None:
+    assert (rowcheck.__file__ is not None and not rowcheck.__file__.endswith(".py")) == (
+        fastcheck.state == "compiled"
+    )
+    if os.environ.get("CONVERGEDB_NATIVE") == "required":  # set by `make test`
+        assert fastcheck.state == "compiled", "make test runs the compiled row check"
+
+
+def test_no_build_of_the_row_check_runs_the_generated_check(tmp_path: Path) -> None:
+    out, err = probe(copy_of_the_package(tmp_path), ROW_CHECK_PROBE)
+    assert out == "pure True" and "make compile" not in err
+
+
+def test_a_stale_row_check_is_not_run(tmp_path: Path) -> None:
+    """A compiled row check whose recorded digest is not that of its source: the source is
+    loaded (and the generated check runs), with a warning that says how to rebuild. The file
+    is not even loadable, so a test that passes proves the guard never imported it."""
+    root = copy_of_the_package(tmp_path)
+    schema = root / "convergedb" / "schema"
+    (schema / f"{fastcheck.COMPILED_MODULE}{EXTENSION}").write_bytes(b"not a shared object")
+    (schema / "compiled.sha256").write_text("0" * 64 + "\n")
+    out, err = probe(root, ROW_CHECK_PROBE)
+    assert out == "stale True"
+    assert "make compile" in err

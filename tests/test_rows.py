@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import re
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from convergedb.schema import fastcheck
 from convergedb.schema.errors import InvalidData
 from convergedb.schema.rows import RowCodec
 from convergedb.schema.types import Field, FieldType
@@ -256,9 +258,54 @@ def test_fast_check_and_detailed_check_agree_on_mutated_rows(
     except InvalidData:
         explained_valid = False
     assert codec.is_valid(mutated) == explained_valid
+    for check in _row_checks(codec):
+        assert check(mutated) == explained_valid
     if explained_valid:
         codec.validate(mutated)
         assert codec.encode(codec.decode(mutated)) == mutated
+
+
+def _row_checks(codec: RowCodec) -> list[Callable[[bytes], bool]]:
+    """Both implementations of the fast check (schema/fastcheck.py), whichever one the codec
+    runs: the generated straight-line function and the table-driven one (compiled by
+    `make compile`, else its interpreted source)."""
+    args = (codec.fields, codec.offsets, codec.fixed_size)
+    return [
+        fastcheck.compile_row_check(*args, codec._variable_checks),
+        fastcheck.row_checker(*args).is_valid,
+    ]
+
+
+def test_the_row_check_is_compiled_when_built() -> None:
+    """The codec runs the table-driven check exactly when its compiled build is current."""
+    method = getattr(SAMPLE.is_valid, "__self__", None)
+    assert isinstance(method, fastcheck.RowChecker) == (fastcheck.state == "compiled")
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        b"",
+        b"\x00" * 3,
+        "héllo".encode(),
+        b"\xc3",  # cut in the middle of a character
+        b"\xed\xa0\x80",  # a surrogate: not UTF-8
+        b"\xf4\x90\x80\x80",  # above U+10FFFF
+        b"\xc0\xaf",  # an overlong encoding
+        b"ab\xff",
+    ],
+)
+def test_both_row_checks_read_utf8_as_python_does(row: bytes) -> None:
+    codec = RowCodec([Field(0, "s", F.STRING, max_length=8)])
+    try:
+        row.decode()
+        expected = True
+    except UnicodeDecodeError:
+        expected = False
+    framed = struct.pack("<I", len(row)) + row
+    assert codec.is_valid(framed) == expected
+    for check in _row_checks(codec):
+        assert check(framed) == expected
 
 
 def test_decode_named_gives_fields_by_name() -> None:

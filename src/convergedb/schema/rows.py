@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any, Final
 
 from .errors import InvalidData
-from .fastcheck import compile_row_check
+from .fastcheck import row_check
 from .types import (
     FIXED_TEXT_LENGTH_SIZE,
     INTEGER_RANGES,
@@ -410,10 +410,9 @@ class RowCodec:
         """The field values of a valid row, in ordinal order (`decode(row) -> list`): structs
         as tuples, arrays as lists. Validate untrusted rows first. Generated straight-line code
         (see `_compile_decode`)."""
-        self.is_valid = compile_row_check(
-            self.fields, self.offsets, self.fixed_size, self._variable_checks
-        )
-        """Whether raw row bytes are valid (the fast check; `validate` says why not)."""
+        self.is_valid = row_check(self.fields, self.offsets, self.fixed_size, self._variable_checks)
+        """Whether raw row bytes are valid (the fast check, compiled or generated: see
+        `fastcheck`; `validate` says why not)."""
 
     @staticmethod
     def _field_format(f: Field) -> str:
