@@ -135,13 +135,13 @@ async def expiry_scenario(
     assert engine._in_flight, "the flush should be committing"
     apply(engine, kind, random_writes(rng, 200, 3))
     if expire_at is None:
-        engine.compute_slice = 4
+        engine.expiry_slice = 16
         engine.expire(DEAD, DeleteCause.LIVENESS)
         reserved = engine.seq + EXPIRY_SEQ_GAP
     await in_flight
     for number in range(8):
         apply(engine, kind, random_writes(rng, 30, 4 + number, (OTHER,)))
-        for _ in range(rng.randrange(4)):
+        for _ in range(rng.randrange(6)):
             await asyncio.sleep(0)  # a slice of the expiry, perhaps
         if number == expire_at:
             engine.retract_many(engine.held_by(DEAD, system=True), DEAD, DeleteCause.LIVENESS)
@@ -203,7 +203,7 @@ async def test_a_source_reclaimed_while_its_expiry_is_prepared_keeps_its_new_wri
     rng = random.Random(7)
     apply(engine, kind, random_writes(rng, 600, 1))
     await engine.flush()
-    engine.compute_slice = 4
+    engine.expiry_slice = 16
     engine.expire(DEAD, DeleteCause.LIVENESS)
     for _ in range(10):
         await asyncio.sleep(0)  # some slices

@@ -16,6 +16,7 @@ must know whether a source holds an entity now (RETRACT, PATCH, epochs) look the
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections import deque
@@ -40,6 +41,9 @@ windows (see `Engine.overdue`)."""
 COMPUTE_SLICE: Final = 4096
 """A flush computes its net changes this many entities at a time, letting the event loop serve
 connections in between (only a flush bigger than this yields: an expiry, an epoch end)."""
+EXPIRY_SLICE: Final = 1024
+"""An expiry being prepared computes this many entities at a time: it runs beside the regular
+flushes, so the other writers wait at most one such slice at a time for it."""
 EXPIRY_SEQ_GAP: Final = 1 << 20
 """How far ahead of the committed seq an expiry prepared in the background is numbered: the
 regular flushes that commit while it is prepared take the seqs in between (see `_Expiry`)."""
@@ -165,6 +169,7 @@ class Engine:
         self._expiry: _Expiry | None = None
         """The liveness expiry being prepared beside the regular flushes, if any."""
         self.compute_slice = COMPUTE_SLICE
+        self.expiry_slice = EXPIRY_SLICE
         self._dirty_kinds: dict[int, KindState] = {}
         self._dirty = False
         self._first_dirty_at = 0.0
@@ -485,7 +490,9 @@ class Engine:
             kind_id = kind.kind_id
             entries = expiry.entries[kind_id]
             dirty = expiry.dirty[kind_id]
-            step = self.compute_slice
+            applied = expiry.applied[kind_id] = []
+            tombstones = expiry.tombstones
+            step = self.expiry_slice
             for start in range(0, len(snapshot), step):
                 await asyncio.sleep(0)
                 if expiry is not self._expiry:
@@ -499,9 +506,19 @@ class Engine:
                         entries[eid] = entry
                         if eid not in dirty:
                             fresh.append((eid, entry))
+                logged = 0 if expiry.plan is None else len(expiry.plan[2].log)
                 expiry.plan = self._compute(
                     [(kind_id, fresh)], expiry.plan, expiry.seq, expiry.tally
                 )
+                # what applying it will take, ready-made: it is applied in one go
+                for eid, entry in fresh:
+                    entity = entry[_RESULT]
+                    if entity is not None:
+                        applied.append((eid, entity))
+                        if not entity[2]:
+                            tombstones.append((entity[6], kind_id, eid))
+                log_parts = expiry.plan[2].log
+                log_parts[logged:] = [b"".join(log_parts[logged:])]
         if expiry is self._expiry:
             expiry.ready = True
             self._mark_dirty()
@@ -543,6 +560,9 @@ class Engine:
             by_id[kind_id].tombstones += tombstones
         if stale and plan is not None:
             plan[1][:] = [c for c in plan[1] if (c.kind.kind_id, c.eid) not in stale]
+            for kind_id, applied in expiry.applied.items():
+                applied[:] = [(eid, e) for eid, e in applied if (kind_id, eid) not in stale]
+            expiry.tombstones[:] = [t for t in expiry.tombstones if (t[1], t[2]) not in stale]
         for kind in list(by_id.values()):
             if kind.kind_id not in expiry.entries:
                 held = self._held_in(kind, expiry.bit)
@@ -755,7 +775,7 @@ class Engine:
             if write.log or write.direct or write.kinds or write.removed or write.source_deadlines:
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self._executor, self.store.commit, write)
-                self._apply(in_flight, write)
+                self._apply(accumulator, write, expiry)
         finally:
             self._in_flight = {}
             self._flushing = False
@@ -951,10 +971,16 @@ class Engine:
         if write.compacted_seq < self.compacted_seq:
             write.compacted_seq = self.compacted_seq
 
-    def _apply(self, accumulator: Accumulator, write: FlushWrite) -> None:
-        """Make a committed flush the state that queries see."""
+    def _apply(self, accumulator: Accumulator, write: FlushWrite, expiry: _Expiry | None) -> None:
+        """Make a committed flush the state that queries see (with the expiry it completes)."""
         by_id = self.catalog.by_id
         tombstones = self._tombstones
+        if expiry is not None:  # it never shares an entity with the accumulator
+            for kind_id, applied in expiry.applied.items():
+                entities = by_id[kind_id].entities
+                assert entities is not None
+                entities.update(applied)
+            _merge_tombstones(tombstones, expiry.tombstones)
         expiry = self._expiry
         for kind_id, per_kind in accumulator.items():
             entities = by_id[kind_id].entities
@@ -1011,6 +1037,9 @@ class _Expiry:
         """The schema version of each kind when it began."""
         self.tally: dict[int, list[int]] = {}
         self.plan: Plan | None = None
+        self.applied: dict[int, list[tuple[bytes, Entity]]] = {}
+        """The entities it computed, by kind, as the flush that completes it applies them."""
+        self.tombstones: list[tuple[int, int, bytes]] = []
         self.ready = False
         self.task: asyncio.Task[None] | None = None
 
@@ -1044,6 +1073,20 @@ def _resolve(waiters: dict[int, list[asyncio.Future[int]]], generation: int, seq
 
 
 _new_tuple: Final = tuple.__new__
+
+
+def _merge_tombstones(
+    queue: deque[tuple[int, int, bytes]], new: list[tuple[int, int, bytes]]
+) -> None:
+    """Add `new` (oldest first) to the compaction queue, keeping it oldest first: an expiry's
+    tombstones were dated while it was prepared, before those of the flushes meanwhile."""
+    if not new:
+        return
+    later: list[tuple[int, int, bytes]] = []
+    while queue and queue[-1][0] > new[0][0]:
+        later.append(queue.pop())
+    later.reverse()
+    queue.extend(heapq.merge(later, new))
 
 
 def _after(kind: KindState, base: Entity | None, entry: Entry) -> Entity | None:
