@@ -382,17 +382,19 @@ class ServerConnection(asyncio.Protocol):
         if self.epoch is not None:
             return done, pos
         length = len(payload)
-        unpack = BATCH_ASSERT_HEAD.unpack_from
-        write = self.engine.write_assert
+        engine = self.engine  # called natively when compiled: no bound method
         bit = self.bit
         kind: KindState | None = None
         kind_id_of_kind = -1
         while done < count and length - pos >= _BATCH_ASSERT_SIZE:
-            op, body_len, kind_id, eid, size = unpack(payload, pos)
-            end = pos + _BATCH_HEAD_SIZE + body_len
-            data_end = pos + _BATCH_ASSERT_SIZE + size
+            # BATCH_ASSERT_HEAD read byte by byte: compiled, these are native integers (no
+            # tuple, no int objects, no generic arithmetic as with `unpack_from`)
+            op = payload[pos]
+            end = pos + _BATCH_HEAD_SIZE + _u32(payload, pos + 1)
             if op != _ASSERT or end > length:
                 break
+            size = _u32(payload, pos + _SIZE_AT)
+            data_end = pos + _BATCH_ASSERT_SIZE + size
             if end == data_end:
                 meta = b""
             elif end > data_end + 1 and end == data_end + 2 + (
@@ -401,11 +403,13 @@ class ServerConnection(asyncio.Protocol):
                 meta = payload[data_end + 2 : end]
             else:
                 break  # malformed: the general path says how
+            kind_id = payload[pos + _KIND_AT] | payload[pos + _KIND_AT + 1] << 8
             try:
                 if kind_id != kind_id_of_kind:
                     kind = self._writable_kind(kind_id, op)
                     kind_id_of_kind = kind_id
-                write(kind, eid, payload[data_end - size : data_end], bit, meta)  # type: ignore[arg-type]
+                eid = payload[pos + _EID_AT : pos + _SIZE_AT]
+                engine.write_assert(kind, eid, payload[data_end - size : data_end], bit, meta)  # type: ignore[arg-type]
             except (ProtocolError, SchemaError) as exc:
                 self._report(exc, op, 0)
             pos = end
@@ -535,6 +539,17 @@ _ASSERT: Final = int(Opcode.ASSERT)
 _BATCH_ASSERT_SIZE: Final = BATCH_ASSERT_HEAD.size
 _BATCH_HEAD_SIZE: Final = 5
 """op u8, body_len u32."""
+_KIND_AT: Final = 5
+_EID_AT: Final = 7
+_SIZE_AT: Final = 39
+"""Where kind_id (u16), the eid (32 bytes) and the data length (u32) of a BATCH's ASSERT are,
+from its sub-operation header: the layout of BATCH_ASSERT_HEAD."""
+assert BATCH_ASSERT_HEAD.format == "<BIH32sI" and _SIZE_AT + 4 == _BATCH_ASSERT_SIZE
+
+
+def _u32(data: bytes, at: int) -> int:
+    return data[at] | data[at + 1] << 8 | data[at + 2] << 16 | data[at + 3] << 24
+
 
 _HANDLERS: Final[dict[int, Handler]] = {
     Opcode.CONNECT: ServerConnection._on_connect,
