@@ -174,6 +174,8 @@ class Engine:
         self._dirty = False
         self._first_dirty_at = 0.0
         self._flushing = False
+        self._not_committing = asyncio.Event()
+        self._not_committing.set()
         self._last_flush_start = 0.0
         self._wake = asyncio.Event()
         self._waiters: dict[int, list[asyncio.Future[int]]] = {}
@@ -495,6 +497,9 @@ class Engine:
             step = self.expiry_slice
             for start in range(0, len(snapshot), step):
                 await asyncio.sleep(0)
+                # never while a flush commits: compiled code holds the GIL for a whole slice,
+                # and the store's thread needs it several times per commit
+                await self._not_committing.wait()
                 if expiry is not self._expiry:
                     return  # given up (`source_reused`, `close`)
                 fresh: list[tuple[bytes, Entry]] = []
@@ -774,7 +779,11 @@ class Engine:
             write.source_deadlines, self._new_deadlines = self._new_deadlines, {}
             if write.log or write.direct or write.kinds or write.removed or write.source_deadlines:
                 loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._executor, self.store.commit, write)
+                self._not_committing.clear()
+                try:
+                    await loop.run_in_executor(self._executor, self.store.commit, write)
+                finally:
+                    self._not_committing.set()
                 self._apply(accumulator, write, expiry)
         finally:
             self._in_flight = {}
@@ -1085,8 +1094,11 @@ def _merge_tombstones(
     later: list[tuple[int, int, bytes]] = []
     while queue and queue[-1][0] > new[0][0]:
         later.append(queue.pop())
-    later.reverse()
-    queue.extend(heapq.merge(later, new))
+    if later:
+        later.reverse()
+        queue.extend(heapq.merge(later, new))
+    else:
+        queue.extend(new)
 
 
 def _after(kind: KindState, base: Entity | None, entry: Entry) -> Entity | None:
