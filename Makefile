@@ -14,7 +14,8 @@ PDOC_FLAGS := --docformat google --template-directory docs/api-template
 # the write path's modules, compiled with mypyc in place (see src/convergedb/server/native.py);
 # rebuilt whenever one of them changes. Python prefers the compiled module, so the package
 # checks the recorded digest at import and runs plain Python if the build is stale.
-NATIVE_SOURCES := src/convergedb/server/engine.py src/convergedb/server/connection.py
+NATIVE_SOURCES := src/convergedb/server/engine.py src/convergedb/server/connection.py \
+	src/convergedb/schema/rowcheck.py
 NATIVE_DIGEST := src/convergedb/server/compiled.sha256
 
 .PHONY: install compile test lint typecheck unit run bench docs clean torture
@@ -71,4 +72,5 @@ torture: install
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis $(API_DIR)
-	rm -f $(NATIVE_DIGEST) src/*__mypyc*.so src/convergedb/server/*.so
+	rm -f $(NATIVE_DIGEST) src/convergedb/schema/compiled.sha256 src/*__mypyc*.so \
+		src/convergedb/server/*.so src/convergedb/schema/*.so

@@ -49,8 +49,11 @@ EXPIRY_SEQ_GAP: Final = 1 << 20
 regular flushes that commit while it is prepared take the seqs in between (see `_Expiry`)."""
 NOTIFY_SLICE: Final = 2048
 """Changes handed to the subscriptions at a time, the event loop served in between."""
-NOTIFY_BACKLOG: Final = 8
-"""Flushes whose notifications may wait behind the one being sent before flushing waits too."""
+NOTIFY_BACKLOG: Final = 200_000
+"""Changes (and events) that may wait behind the flush whose notifications are being sent
+before flushing waits too: the subscriptions are behind, so writers are pushed back. Counted in
+changes, not flushes: the small flushes that go on while a big one (an expiry) is being sent
+out hold little, and must not wait for all of it."""
 
 _EVENT_CAUSE: Final = {
     DeleteCause.RETRACTED: EventCause.CLIENT_WRITE,
@@ -183,6 +186,8 @@ class Engine:
         self.notified_generation = 0
         """The last generation whose changes and events the listeners have all been given."""
         self._notifications: deque[_Notification] = deque()
+        self._queued_changes = 0
+        """The changes and events of the flushes in `_notifications`."""
         self._notify_lock = asyncio.Lock()
         self._notify_wake = asyncio.Event()
         self._notifier: asyncio.Task[None] | None = None
@@ -724,7 +729,7 @@ class Engine:
                         await asyncio.sleep(delay)
                 self._last_flush_start = time.monotonic()
                 await self._flush_durably()
-                if len(self._notifications) > NOTIFY_BACKLOG:
+                if self._queued_changes > NOTIFY_BACKLOG:
                     await self._notify_pending()  # the subscribers are behind: wait for them
                 if self._closing and not self._dirty:
                     return
@@ -796,13 +801,17 @@ class Engine:
             self.on_flushed(self.last_flush_seconds)
         _resolve(self._waiters, generation, seq)
         self._notifications.append(_Notification(generation, seq, changes, events))
+        self._queued_changes += len(changes) + len(events)
         self._notify_wake.set()
 
     async def _notify_forever(self) -> None:
         while True:
             await self._notify_wake.wait()
             self._notify_wake.clear()
-            await self._notify_pending()
+            try:
+                await self._notify_pending()
+            except Exception:  # a listener's bug: the next flushes are still notified
+                log.exception("a listener failed on the changes of a flush")
 
     async def _notify_pending(self) -> None:
         """Give the listeners every queued flush's changes and events, in flush order; a big
@@ -810,6 +819,7 @@ class Engine:
         async with self._notify_lock:
             while self._notifications:
                 generation, seq, changes, events = self._notifications.popleft()
+                self._queued_changes -= len(changes) + len(events)
                 try:
                     await self._notify(seq, changes, events)
                 finally:

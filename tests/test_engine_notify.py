@@ -1,0 +1,45 @@
+"""The engine's notifier: a listener that fails on one flush does not stop the notifications of
+the next ones (real engine over a real store, its flush loop and notifier running)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from convergedb import id_from_int
+from convergedb.server.catalog import Catalog
+from convergedb.server.engine import Change, Engine
+from convergedb.server.storage import Store
+from kinds import PLAYER, Player
+
+WRITER = 1 << 1
+
+
+async def test_a_failing_listener_does_not_stop_the_notifications(tmp_path: Path) -> None:
+    catalog = Catalog()
+    engine = Engine(catalog, Store(tmp_path, fsync=False), window_ms=5)
+    engine.load()
+    kind, _ = catalog.register(PLAYER.definition)
+    kind.watchers = 1
+    engine.kind_changed(kind, None)
+    seen: list[bytes] = []
+
+    def listener(seq: int, changes: list[Change]) -> None:
+        seen.extend(c.eid for c in changes)
+        if any(c.eid == id_from_int(1) for c in changes):
+            raise RuntimeError("a bug in a listener")
+
+    engine.commit_listeners.append(listener)
+    engine.start()
+    try:
+        for i in (1, 2, 3):
+            engine.write_assert(
+                kind, id_from_int(i), PLAYER.encode(Player(f"p{i}", i)), WRITER, b""
+            )
+            # bounded only so that a stopped notifier fails the test instead of hanging it
+            await asyncio.wait_for(engine.wait_notified(engine.generation), timeout=60)
+        assert seen == [id_from_int(i) for i in (1, 2, 3)]
+        assert engine.notified_generation == engine.flushed_generation
+    finally:
+        await engine.close()
+        engine.store.close()
