@@ -146,6 +146,20 @@ class WireConnection:
             self._frames.extend(self._reader.feed(data))
         return self._frames.popleft()
 
+    def read_frame_polling(self) -> Frame:
+        """The next frame, polling the socket in a busy loop instead of sleeping in the kernel:
+        a round trip without this process's own wake-up (it burns a core meanwhile). Call
+        `self.sock.setblocking(False)` first."""
+        while not self._frames:
+            try:
+                data = self.sock.recv(262144)
+            except BlockingIOError:
+                continue
+            if not data:
+                raise ConnectionError("the server closed the connection")
+            self._frames.extend(self._reader.feed(data))
+        return self._frames.popleft()
+
     def request(self, message: Message, expect: type[M]) -> M:
         """Send a request and return its reply; an ERROR (or a stray stream-0 ERROR) raises."""
         stream = self.next_stream()
@@ -162,8 +176,12 @@ class WireConnection:
                     raise ServerReplyError(f"expected {expect.__name__}, got {reply!r}")
                 return reply
 
-    def connect(self, mode: ConnectMode, source_id: int = 0, name: str = "bench") -> Connected:
-        return self.request(Connect(mode, source_id=source_id, name=name), Connected)
+    def connect(
+        self, mode: ConnectMode, source_id: int = 0, name: str = "bench", deadline_ms: int = 0
+    ) -> Connected:
+        """CONNECT; `deadline_ms` 0 declares the server's default liveness deadline."""
+        connect = Connect(mode, source_id=source_id, name=name, liveness_deadline_ms=deadline_ms)
+        return self.request(connect, Connected)
 
     def create_kind(self) -> int:
         """Register the bench kind; its kind id."""
@@ -176,19 +194,24 @@ class WireConnection:
         self.sock.close()
 
 
-def writer_connection(host: str, port: int, source_id: int) -> tuple[WireConnection, int]:
+def writer_connection(
+    host: str, port: int, source_id: int, deadline_ms: int = 0
+) -> tuple[WireConnection, int]:
     """A connection that claimed `source_id` and registered the kind; (connection, kind id)."""
     conn = WireConnection(host, port)
-    conn.connect(ConnectMode.CLAIM, source_id, name=f"bench-writer-{source_id}")
+    conn.connect(ConnectMode.CLAIM, source_id, f"bench-writer-{source_id}", deadline_ms)
     return conn, conn.create_kind()
 
 
-def load_entities(host: str, port: int, count: int, *, source_id: int = 1) -> float:
+def load_entities(
+    host: str, port: int, count: int, *, source_id: int = 1, deadline_ms: int = 0
+) -> float:
     """Assert entities 0..count-1 (round 0) in BATCH frames of 1,000 from one connection, then
     SYNC; returns the seconds it took. Encoding is interleaved with sending, so the client's
-    work overlaps the server's."""
+    work overlaps the server's. The entities expire one liveness deadline (`deadline_ms`, 0
+    for the server's default) after the connection closes."""
     started = time.perf_counter()
-    conn, kind_id = writer_connection(host, port, source_id)
+    conn, kind_id = writer_connection(host, port, source_id, deadline_ms)
     try:
         chunk = 10_000
         for start in range(0, count, chunk):

@@ -8,7 +8,12 @@ a time: send, read the whole QUERY_RESULT frame, next. Each run times --queries 
 warm-up; every reply is checked (ALIVE, right stream) after the clock stops. Percentiles are per
 run; the table shows their median over the runs and the spread. A HEARTBEAT->PONG round trip on
 the same connection is measured the same way, as the floor (loopback + frame handling, no table
-work). The in-process figure builds a dict[bytes, Entity] of N entries the way KindState.entities
+work), and so is a trivial echo server (uvloop, one `transport.write(data)` per read, its own
+process: what any Python server gets on this machine). Then all three again with a client that
+polls its non-blocking socket in a busy loop instead of sleeping in the kernel: on a VM the
+wake-up of a sleeping process costs tens of µs, and the blocking figures pay it twice per round
+trip (server and client); the polling figures keep only the server's. The in-process figure
+builds a dict[bytes, Entity] of N entries the way KindState.entities
 holds them and times `entities.get(eid)` + `kind.current_row(entity)` in batches of 1,000 random
 ids (fresh key objects, so each lookup hashes its id as the server's freshly decoded ids do);
 per lookup = batch time / 1,000, loop overhead included.
@@ -19,6 +24,8 @@ per lookup = batch time / 1,000, loop overhead included.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import multiprocessing as mp
 import random
 import statistics
 import tempfile
@@ -54,6 +61,7 @@ from convergedb.protocol import (
 from convergedb.server.catalog import KindState
 from convergedb.server.table import Entity
 
+LOADER_DEADLINE_MS = 3_600_000
 TARGET_P50_US = 100.0
 TARGET_LOOKUP_US = 5.0
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
@@ -78,8 +86,9 @@ def heartbeat_frames(count: int) -> list[bytes]:
 
 def round_trips(conn: WireConnection, frames: list[bytes], expect_opcode: int) -> list[int]:
     """Send each frame and read its reply before the next; the round trips in ns. Replies are
-    checked after the clock stops."""
-    send, read, clock = conn.send, conn.read_frame, time.perf_counter_ns
+    checked after the clock stops. A non-blocking socket is polled (`read_frame_polling`)."""
+    read = conn.read_frame if conn.sock.getblocking() else conn.read_frame_polling
+    send, clock = conn.send, time.perf_counter_ns
     samples: list[int] = []
     replies = []
     for frame in frames:
@@ -110,14 +119,23 @@ def wire_runs(
     return results
 
 
-def measure_wire(args: argparse.Namespace, workdir: Path) -> tuple[list[dict[float, float]], ...]:
-    """Load a server, then time QUERY and HEARTBEAT round trips."""
+Runs = list[dict[float, float]]
+
+
+def measure_wire(args: argparse.Namespace, workdir: Path) -> dict[str, Runs]:
+    """Load a server, then time QUERY and HEARTBEAT round trips, with a blocking then a polling
+    client."""
     admin_port = free_port()
     server = start_server(
-        workdir / "data", "--no-fsync", "--window-ms", "1000", "--admin-port", str(admin_port)
+        workdir / "data",
+        *("--no-fsync", "--window-ms", "1000", "--admin-port", str(admin_port)),
+        *("--max-liveness-ms", str(LOADER_DEADLINE_MS)),
     )
     try:
-        seconds = load_entities(server.host, server.port, args.entities)
+        # the loader disconnects: its entities must outlive the runs
+        seconds = load_entities(
+            server.host, server.port, args.entities, deadline_ms=LOADER_DEADLINE_MS
+        )
         print(f"loaded {args.entities:,} entities in {seconds:.1f} s")
         waited = wait_checkpointed(server.host, admin_port)
         print(f"the checkpointer moved the log into the entity table {waited:.1f} s later")
@@ -125,17 +143,66 @@ def measure_wire(args: argparse.Namespace, workdir: Path) -> tuple[list[dict[flo
         conn.connect(ConnectMode.READ_ONLY, name="bench-query")
         kind_id = conn.request(GetKind(PLAYER.name), KindInfo).kind_id
         rng = random.Random(1)
-        queries = wire_runs(
-            conn,
-            lambda: query_frames(kind_id, args.entities, args.queries, rng),
-            Opcode.QUERY_RESULT,
-            args.runs,
-        )
-        pongs = wire_runs(conn, lambda: heartbeat_frames(args.queries), Opcode.PONG, args.runs)
+        results: dict[str, Runs] = {}
+        for client in ("blocking", "polling"):
+            conn.sock.setblocking(client == "blocking")
+            results[f"query {client}"] = wire_runs(
+                conn,
+                lambda: query_frames(kind_id, args.entities, args.queries, rng),
+                Opcode.QUERY_RESULT,
+                args.runs,
+            )
+            results[f"pong {client}"] = wire_runs(
+                conn, lambda: heartbeat_frames(args.queries), Opcode.PONG, args.runs
+            )
         conn.close()
     finally:
         server.stop()
-    return queries, pongs
+    results.update(measure_echo(args))
+    return results
+
+
+def serve_echo(ports: mp.Queue[int]) -> None:
+    """A trivial echo server on a loopback port (uvloop when installed), forever."""
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data)
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Echo, "127.0.0.1", 0)
+        ports.put(server.sockets[0].getsockname()[1])
+        await asyncio.Event().wait()
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+
+
+def measure_echo(args: argparse.Namespace) -> dict[str, Runs]:
+    """HEARTBEAT frames echoed by `serve_echo`, blocking then polling."""
+    context = mp.get_context("spawn")
+    ports: mp.Queue[int] = context.Queue()
+    echo = context.Process(target=serve_echo, args=(ports,), daemon=True)
+    echo.start()
+    try:
+        conn = WireConnection("127.0.0.1", ports.get(timeout=30))
+        results = {}
+        for client in ("blocking", "polling"):
+            conn.sock.setblocking(client == "blocking")
+            results[f"echo {client}"] = wire_runs(
+                conn, lambda: heartbeat_frames(args.queries), Opcode.HEARTBEAT, args.runs
+            )
+        conn.close()
+    finally:
+        echo.kill()
+    return results
 
 
 # --- in process -------------------------------------------------------------------------------
@@ -204,9 +271,13 @@ def main() -> None:
     print(f"\nserver code: {source_state()}")
     print(f"\n{args.entities:,} entities, {args.queries:,} queries per run, {args.runs} runs")
     with tempfile.TemporaryDirectory(prefix="cdb-query-") as tmp:
-        queries, pongs = measure_wire(args, Path(tmp))
-    print_wire("QUERY -> QUERY_RESULT round trip", queries, TARGET_P50_US)
-    print_wire("HEARTBEAT -> PONG round trip (floor)", pongs, None)
+        wire = measure_wire(args, Path(tmp))
+    for client, how in (("blocking", "blocking socket"), ("polling", "polling client")):
+        print(f"\n--- {how} ---")
+        queries, pongs, echoes = (wire[f"{what} {client}"] for what in ("query", "pong", "echo"))
+        print_wire(f"QUERY -> QUERY_RESULT round trip, {how}", queries, TARGET_P50_US)
+        print_wire(f"HEARTBEAT -> PONG round trip (floor), {how}", pongs, None)
+        print_wire(f"trivial echo server, {how} (the machine's floor)", echoes, None)
     kind = build_table(args.entities)
     median, low, high = spread(lookup_runs(kind, args.entities, args))
     print(
