@@ -504,3 +504,19 @@ def test_docs_vector(name: str) -> None:
     (frame,) = FrameReader().feed(expected)
     assert frame.stream_id == stream_id
     assert decode_message(frame.opcode, frame.payload) == msg
+
+
+@given(
+    st.integers(0, 0xFFFF),
+    st.sampled_from(list(QueryStatus)),
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**64 - 1),
+    st.binary(max_size=300),
+)
+def test_the_query_result_fast_encoder_matches_the_message(
+    stream_id: int, status: QueryStatus, version: int, sources: int, data: bytes
+) -> None:
+    from convergedb.protocol.messages import encode_query_result
+
+    expected = encode_message(QueryResult(status, version, sources, data), stream_id)
+    assert encode_query_result(stream_id, status, version, sources, data) == expected

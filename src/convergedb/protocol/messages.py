@@ -44,7 +44,7 @@ from .codes import (
     SubscribeFlags,
 )
 from .errors import ProtocolError, malformed
-from .frame import encode_frame
+from .frame import encode_frame, encode_header
 from .wire import (
     U16,
     U32,
@@ -336,7 +336,8 @@ def parse_retract(
     return kind_id, eid, _meta_tail(payload, start + _RETRACT_SIZE, _RETRACT, end)
 
 
-_QUERY: Final = struct.Struct("<H32s")
+QUERY_BODY: Final = struct.Struct("<H32s")
+"""The whole payload of a QUERY: kind id, entity id (the server's read path unpacks it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,7 +349,7 @@ class Query(Message):
     eid: bytes
 
     def _encode(self) -> bytes:
-        return _QUERY.pack(self.kind_id, check_eid(self.eid))
+        return QUERY_BODY.pack(self.kind_id, check_eid(self.eid))
 
     @classmethod
     def decode(cls, payload: BytesLike) -> Self:
@@ -925,6 +926,18 @@ class Connected(Message):
 
 
 _QUERY_RESULT_HEAD: Final = struct.Struct("<BQQ")
+_QUERY_RESULT_DATA_AT: Final = _QUERY_RESULT_HEAD.size + 4
+_QUERY_RESULT_BODY: Final = struct.Struct("<BQQI")
+
+
+def encode_query_result(
+    stream_id: int, status: int, version: int, source_set: int, data: bytes
+) -> bytes:
+    """A whole QUERY_RESULT frame, as `encode_message(QueryResult(...), stream_id)` makes it,
+    in one step (the server's point-read path; `data` is a stored row, far below the u32
+    length limit)."""
+    head = encode_header(Opcode.QUERY_RESULT, stream_id, _QUERY_RESULT_DATA_AT + len(data))
+    return head + _QUERY_RESULT_BODY.pack(status, version, source_set, len(data)) + data
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from ..protocol.frame import Frame, FrameReader
 from ..protocol.messages import (
     BATCH_ASSERT_HEAD,
     BATCH_COUNT_SIZE,
+    QUERY_BODY,
     Connect,
     Connected,
     CreateKind,
@@ -41,11 +42,11 @@ from ..protocol.messages import (
     Ok,
     Pong,
     Query,
-    QueryResult,
     Sync,
     batch_count,
     batch_spans_from,
     encode_message,
+    encode_query_result,
     parse_assert,
     parse_patch,
     parse_retract,
@@ -419,17 +420,22 @@ class ServerConnection(asyncio.Protocol):
     # requests -----------------------------------------------------------------------------------
 
     def _on_query(self, frame: Frame) -> None:
-        request = Query.decode(frame.payload)
-        kind = self.catalog.get(request.kind_id, Opcode.QUERY)
-        entity = self.engine.committed(kind, request.eid)
+        payload = frame.payload
+        if len(payload) != QUERY_BODY.size:
+            Query.decode(payload)  # raises, saying what is wrong with it
+        kind_id, eid = QUERY_BODY.unpack(payload)
+        kind = self.catalog.get(kind_id, Opcode.QUERY)
+        entity = self.engine.committed(kind, eid)
+        stream_id = frame.stream_id
         if entity is None:
-            reply = QueryResult(QueryStatus.NOT_FOUND, 0, 0, b"")
+            reply = encode_query_result(stream_id, _NOT_FOUND, 0, 0, b"")
         elif entity.sources:
             row = kind.current_row(entity)
-            reply = QueryResult(QueryStatus.ALIVE, entity.version, entity.sources, row)
+            reply = encode_query_result(stream_id, _ALIVE, entity.version, entity.sources, row)
         else:
-            reply = QueryResult(QueryStatus.TOMBSTONE, entity.version, 0, b"")
-        self.send(reply, frame.stream_id)
+            reply = encode_query_result(stream_id, _TOMBSTONE, entity.version, 0, b"")
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(reply)
 
     def _on_sync(self, frame: Frame) -> None:
         Sync.decode(frame.payload)
@@ -536,6 +542,9 @@ _WRITE_APPLIERS: Final[dict[int, Callable[[ServerConnection, BytesLike, int, int
 }
 _WRITES: Final = frozenset({*_WRITE_APPLIERS, Opcode.BATCH})
 _ASSERT: Final = int(Opcode.ASSERT)
+_ALIVE: Final = int(QueryStatus.ALIVE)
+_TOMBSTONE: Final = int(QueryStatus.TOMBSTONE)
+_NOT_FOUND: Final = int(QueryStatus.NOT_FOUND)
 _BATCH_ASSERT_SIZE: Final = BATCH_ASSERT_HEAD.size
 _BATCH_HEAD_SIZE: Final = 5
 """op u8, body_len u32."""
