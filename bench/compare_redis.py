@@ -4,9 +4,11 @@ The Redis build (bench/_redis_build.py) is what a team without ConvergeDB writes
 entity, one Lua script per write (EVALSHA) that keeps the source set (two 32-bit halves), the
 version and deduplication (an identical re-assert changes nothing and publishes nothing), turns
 an entity whose last source retracted into a tombstone, and PUBLISHes every change. Its clients
-are redis-py with hiredis; it runs with its append-only file fsync'd every second (its usual
-production setting; --redis-appendfsync always is the durability ConvergeDB has). ConvergeDB is
-a real `convergedb serve` subprocess (window 20 ms, or each window of --window-ms, e.g. 20,2;
+are redis-py with hiredis; it runs with its append-only file, fsync'd under each policy of
+--redis-appendfsync (default everysec; several, e.g. everysec,always: one Redis column each).
+`always` is the durability ConvergeDB has (every confirmed write fsync'd), so that comparison is
+like for like; `everysec` (fsync once a second) is what most Redis deployments run. ConvergeDB
+is a real `convergedb serve` subprocess (window 20 ms, or each window of --window-ms, e.g. 20,2;
 fsync every flush), its clients the SDK: `client.batch()` writers and `Mirror` subscribers. One
 server of each configuration, one after the other (--runs N: N rounds, in turn).
 
@@ -56,11 +58,12 @@ anything wrong prints WRONG with the first differences and has no figure.
 
 The machine has 2 cores, shared with other work: a figure from one run is noisy; with --runs N
 each figure is the median of the N runs of its configuration (each run's latency percentiles
-are listed too). The target of issue 8 is judged at each ConvergeDB window separately: the
-saturation, latency and notification figures of a window all come from runs at that window.
+are listed too). The target of issue 8 is judged at each ConvergeDB window against each Redis
+column separately: the saturation, latency and notification figures of a window all come from
+runs at that window, those of a Redis column from runs under its policy.
 
     python bench/compare_redis.py [--quick] [--rate N] [--seconds S] [--saturation-seconds S]
-                                  [--window-ms W[,W...]] [--runs N]
+                                  [--window-ms W[,W...]] [--redis-appendfsync P[,P...]] [--runs N]
 """
 
 from __future__ import annotations
@@ -879,23 +882,23 @@ class Run:
                 process.join()
 
 
-def run_system(
-    system: str, args: argparse.Namespace, workdir: Path, window_ms: int = 20
-) -> SystemResult:
+def run_system(column: Column, args: argparse.Namespace, workdir: Path) -> SystemResult:
+    """One run of `column`'s configuration: its server, the two phases, the check."""
     started = time.monotonic()
+    system, name = column.system, column.name
     if system == "cdb":
-        server = start_server(workdir / "data", "--window-ms", str(window_ms), "--fsync")
+        server = start_server(workdir / "data", "--window-ms", str(column.window_ms), "--fsync")
         pid, host, port, sha = server.process.pid, server.host, server.port, ""
-        name, description = f"CDB {window_ms} ms", f"convergedb serve, window {window_ms} ms"
+        description = f"convergedb serve, {column.setting}"
         stop: Callable[[], object] = server.stop
     else:
         import redis
 
-        rserver = start_redis(args.redis_binary, workdir / "redis", args.redis_appendfsync)
+        rserver = start_redis(args.redis_binary, workdir / "redis", column.appendfsync)
         pid, host, port = rserver.process.pid, "127.0.0.1", rserver.port
         client = redis.Redis(port=port)
         sha = str(client.script_load(write_script(KIND)))
-        name, description = "Redis", f"redis-server {rserver.version}"
+        description = f"redis-server {rserver.version}, {column.setting}"
         stop = rserver.stop
     plan = Plan(
         system,
@@ -1116,14 +1119,33 @@ Row = tuple[str, Callable[[SystemResult], float | None], str, str]
 
 @dataclass
 class Column:
-    """One configuration of the comparison (ConvergeDB at one window, or the Redis build) and
-    its runs; each figure it prints is the median over the runs."""
+    """One configuration of the comparison (ConvergeDB at one window, or the Redis build under
+    one AOF fsync policy) and its runs; each figure it prints is the median over the runs."""
 
-    name: str
     system: str
     """"cdb" or "redis"."""
     window_ms: int = 0
+    """ConvergeDB's coalescing window."""
+    appendfsync: str = ""
+    """The Redis build's AOF fsync policy."""
     runs: list[SystemResult] = field(default_factory=list)
+
+    @property
+    def short(self) -> str:
+        """What sets this configuration apart from the others of its system: "20 ms", "always"."""
+        return f"{self.window_ms} ms" if self.system == "cdb" else self.appendfsync
+
+    @property
+    def name(self) -> str:
+        return f"{'CDB' if self.system == 'cdb' else 'Redis'} {self.short}"
+
+    @property
+    def setting(self) -> str:
+        return (
+            f"window {self.window_ms} ms"
+            if self.system == "cdb"
+            else f"appendfsync {self.appendfsync}"
+        )
 
     @property
     def ok(self) -> bool:
@@ -1137,29 +1159,44 @@ class Column:
         return statistics.median(v for v in values if v is not None)
 
 
+def comparisons(columns: Sequence[Column]) -> list[tuple[Column, Column]]:
+    """(ConvergeDB column, Redis column): each ConvergeDB column against each Redis column,
+    grouped by Redis column."""
+    return [
+        (ours, theirs)
+        for theirs in columns
+        if theirs.system == "redis"
+        for ours in columns
+        if ours.system == "cdb"
+    ]
+
+
+def column_width(columns: Sequence[Column]) -> int:
+    return max(14, *(len(c.name) + 2 for c in columns))
+
+
 def print_table(title: str, rows: Sequence[Row], columns: Sequence[Column]) -> None:
-    """One column per configuration, then, when the Redis build ran, each ConvergeDB column's
-    ratio to it."""
-    redis_ = next((c for c in columns if c.system == "redis"), None)
-    ours = [c for c in columns if c.system == "cdb"] if redis_ is not None else []
-    header = f"  {'':<42}" + "".join(f"{c.name:>14}" for c in columns)
-    header += "".join(
-        f"{'ratio' if len(ours) == 1 else c.name.removeprefix('CDB ') + '/R':>12}" for c in ours
-    )
+    """One column per configuration, then each ConvergeDB column's ratio to each Redis column
+    ("20 ms/always": ConvergeDB at 20 ms over Redis with appendfsync always)."""
+    pairs = comparisons(columns)
+    labels = ["ratio"] if len(pairs) == 1 else [f"{a.short}/{b.short}" for a, b in pairs]
+    width = column_width(columns)
+    ratio_width = max(12, *(len(label) + 2 for label in labels))
+    header = f"  {'':<42}" + "".join(f"{c.name:>{width}}" for c in columns)
+    header += "".join(f"{label:>{ratio_width}}" for label in labels)
     print(f"\n{title}\n{header}")
     for label, figure, fmt, better in rows:
         line = f"  {label:<42}"
         values: dict[str, float | None] = {}
         for column in columns:
             value = values[column.name] = column.figure(figure) if column.ok else None
-            line += (
-                f"{'WRONG' if not column.ok else '-' if value is None else format(value, fmt):>14}"
-            )
-        if better and redis_ is not None and ours:
-            b = values[redis_.name]
-            for column in ours:
-                a = values[column.name]
-                line += f"{'-':>12}" if a is None or b is None or not b else f"{a / b:>11.2f}x"
+            shown = "WRONG" if not column.ok else "-" if value is None else format(value, fmt)
+            line += f"{shown:>{width}}"
+        if better and pairs:
+            for ours, theirs in pairs:
+                a, b = values[ours.name], values[theirs.name]
+                shown = "-" if a is None or b is None or not b else f"{a / b:.2f}x"
+                line += f"{shown:>{ratio_width}}"
             line += f"  ({'higher' if better == 'up' else 'lower'} is better)"
         print(line)
 
@@ -1270,7 +1307,7 @@ def report(args: argparse.Namespace, columns: list[Column]) -> None:
                 f"{r.latency.p50:.1f} / {r.latency.p99:.1f}" if r.ok and r.latency else "-"
                 for r in column.runs
             )
-            print(f"  {column.name:<12}{figures}")
+            print(f"  {column.name:<{column_width(columns)}}{figures}")
     print("\ncheck: the server's state against what the writers sent, each mirror against it")
     for column in columns:
         if column.ok:
@@ -1304,24 +1341,22 @@ def report(args: argparse.Namespace, columns: list[Column]) -> None:
                 f"  {column.name}: {unmatched:,} changing writes never seen by a mirror in a "
                 "newer state (not in the latency figures)"
             )
-    redis_ = next((c for c in columns if c.system == "redis"), None)
-    if redis_ is None or not redis_.ok:
+    pairs = [(ours, theirs) for ours, theirs in comparisons(columns) if ours.ok and theirs.ok]
+    if not pairs:
         return
     print(
         "\ntarget (issue 8): ConvergeDB absorbs >= 2x the writes/s of the Redis build, with a"
         " lower p99 mirror latency and fewer notifications for the same writes; all three at"
         " one window"
     )
-    for ours in columns:
-        if ours.system != "cdb" or not ours.ok:
-            continue
+    for ours, theirs in pairs:
         ratio = (ours.figure(lambda r: r.phases[1].rate) or 0.0) / (
-            redis_.figure(lambda r: r.phases[1].rate) or 1.0
+            theirs.figure(lambda r: r.phases[1].rate) or 1.0
         )
         p99 = ours.figure(lambda r: r.latency.p99 if r.latency else None)
-        redis_p99 = redis_.figure(lambda r: r.latency.p99 if r.latency else None)
+        redis_p99 = theirs.figure(lambda r: r.latency.p99 if r.latency else None)
         notified = ours.figure(lambda r: r.phases[0].notifications) or 0.0
-        redis_notified = redis_.figure(lambda r: r.phases[0].notifications) or 0.0
+        redis_notified = theirs.figure(lambda r: r.phases[0].notifications) or 0.0
         verdicts = [
             f"writes/s ratio {ratio:.2f} (>= {TARGET_RATIO:g}): "
             f"{'met' if ratio >= TARGET_RATIO else 'MISSED'}",
@@ -1333,7 +1368,7 @@ def report(args: argparse.Namespace, columns: list[Column]) -> None:
                 1,
                 f"p99 {p99:.1f} ms vs {redis_p99:.1f} ms: {'met' if p99 < redis_p99 else 'MISSED'}",
             )
-        print(f"  window {ours.window_ms} ms: " + "; ".join(verdicts))
+        print(f"  window {ours.window_ms} ms vs {theirs.name}: " + "; ".join(verdicts))
 
 
 def failed_run(name: str, exc: Exception) -> SystemResult:
@@ -1362,6 +1397,23 @@ def windows(text: str) -> list[int]:
     return values
 
 
+APPENDFSYNC = ("everysec", "always", "no")
+"""Redis's AOF fsync policies."""
+
+
+def fsync_policies(text: str) -> list[str]:
+    """`--redis-appendfsync`: one policy, or several separated by commas."""
+    values = text.split(",")
+    unknown = [v for v in values if v not in APPENDFSYNC]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"not a policy: {', '.join(map(repr, unknown))} (choose from {', '.join(APPENDFSYNC)})"
+        )
+    if len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"a policy given twice: {text!r}")
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1378,9 +1430,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--redis-appendfsync",
-        choices=("everysec", "always", "no"),
-        default="everysec",
-        help="Redis's AOF fsync policy (always: as durable as ConvergeDB's fsync per flush)",
+        type=fsync_policies,
+        default=["everysec"],
+        help="Redis's AOF fsync policy: everysec (the default, what most deployments run), "
+        "always (every confirmed write fsync'd, as on ConvergeDB) or no; several, e.g. "
+        "everysec,always: Redis runs under each, one column each, and the target is judged "
+        "against each",
     )
     parser.add_argument("--only", choices=("cdb", "redis"), help="run one system only")
     parser.add_argument(
@@ -1388,8 +1443,8 @@ def main() -> None:
         type=windows,
         default=[20],
         help="ConvergeDB's coalescing window (the default 20; shorter: lower latency, less "
-        "coalescing); several, e.g. 20,2: ConvergeDB runs at each, side by side with one Redis "
-        "run, and the target is judged at each",
+        "coalescing); several, e.g. 20,2: ConvergeDB runs at each, side by side with the Redis "
+        "runs, and the target is judged at each",
     )
     parser.add_argument(
         "--runs",
@@ -1423,7 +1478,8 @@ def main() -> None:
         f"{', '.join(map(str, args.window_ms))} ms, fsync every flush; SDK writers "
         "(client.batch) and Mirror subscribers",
         "Redis": "a hash per entity, a Lua script per write (EVALSHA: source set, version, "
-        f"dedup, tombstone), PUBLISH; {describe_settings(args.redis_appendfsync)}; "
+        # several policies: "appendfsync everysec or always", one column each
+        f"dedup, tombstone), PUBLISH; {describe_settings(' or '.join(args.redis_appendfsync))}; "
         f"redis-py {redis.__version__}{hiredis} writers (pipelines) and subscribers "
         "(SUBSCRIBE, SCAN + HGETALL bootstrap)",
     }
@@ -1437,21 +1493,20 @@ def main() -> None:
                 break_on_hyphens=False,
             )
         )
-    columns = [
-        Column(f"CDB {window} ms", "cdb", window) for window in args.window_ms if "cdb" in systems
+    columns = [Column("cdb", window_ms=window) for window in args.window_ms if "cdb" in systems]
+    columns += [
+        Column("redis", appendfsync=policy)
+        for policy in args.redis_appendfsync
+        if "redis" in systems
     ]
-    if "redis" in systems:
-        columns.append(Column("Redis", "redis"))
     for run in range(args.runs):
         for column in columns:
             of = f" (run {run + 1} of {args.runs})" if args.runs > 1 else ""
-            what = (
-                "Redis" if column.system == "redis" else f"ConvergeDB, window {column.window_ms} ms"
-            )
-            print(f"\nrunning {what}{of} ...", flush=True)
+            what = "ConvergeDB" if column.system == "cdb" else "Redis"
+            print(f"\nrunning {what}, {column.setting}{of} ...", flush=True)
             with tempfile.TemporaryDirectory(prefix=f"cdb-vs-redis-{column.system}-") as tmp:
                 try:
-                    result = run_system(column.system, args, Path(tmp), column.window_ms)
+                    result = run_system(column, args, Path(tmp))
                 except Exception as exc:  # that side has no figure; the other one still runs
                     traceback.print_exc()
                     result = failed_run(column.name, exc)
