@@ -1394,6 +1394,8 @@ def windows(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"not a list of whole milliseconds: {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError("each window must be at least 1 ms")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a window is given twice: {text!r}")
     return values
 
 
