@@ -137,11 +137,13 @@ async def expiry_scenario(
     if expire_at is None:
         engine.expiry_slice = 16
         engine.expire(DEAD, DeleteCause.LIVENESS)
-        reserved = engine.seq + EXPIRY_SEQ_GAP
+        assert engine._expiry is not None
+        reserved = engine._expiry.seq  # ahead of the flush in flight too
+        assert reserved == engine.seq + 1 + EXPIRY_SEQ_GAP
     await in_flight
-    for number in range(8):
+    for number in range(12):
         apply(engine, kind, random_writes(rng, 30, 4 + number, (OTHER,)))
-        for _ in range(rng.randrange(6)):
+        for _ in range(rng.randrange(8)):
             await asyncio.sleep(0)  # a slice of the expiry, perhaps
         if number == expire_at:
             engine.retract_many(engine.held_by(DEAD, system=True), DEAD, DeleteCause.LIVENESS)
@@ -154,7 +156,7 @@ async def expiry_scenario(
             return number
         assert engine.seq < reserved if expire_at is None else True
         assert engine.seq >= before
-    assert expire_at is not None, "the expiry should have committed within 8 flushes"
+    assert expire_at is not None, "the expiry should have committed within 12 flushes"
     return None
 
 
@@ -225,3 +227,44 @@ async def test_a_source_reclaimed_while_its_expiry_is_prepared_keeps_its_new_wri
         assert kind.entities[id_from_int(i)].row == row(i, 9)
     await engine.close()
     engine.store.close()
+
+
+async def test_an_expiry_that_begins_while_another_commits_is_numbered_after_it(
+    tmp_path: Path,
+) -> None:
+    """Two sources die close together: the second expiry reserves its seq while the first one
+    commits. Seqs stay unique and increasing, in commit order, across a restart too."""
+    third = 1 << 3
+    engine, kind = make_engine(tmp_path / "two")
+    flushes = listen(engine)
+    for i in range(100):
+        engine.write_assert(kind, id_from_int(i), row(i, 1), DEAD, b"")
+        engine.write_assert(kind, id_from_int(1000 + i), row(i, 1), third, b"")
+    await engine.flush()
+    engine.expiry_slice = 16
+    engine.expire(DEAD, DeleteCause.LIVENESS)
+    while engine._expiry is not None and not engine._expiry.ready:
+        await asyncio.sleep(0)
+    first = asyncio.ensure_future(engine.flush())  # commits the first expiry
+    await asyncio.sleep(0)
+    assert engine._flushing and engine._expiry is None
+    engine.expire(third, DeleteCause.LIVENESS)  # the second source dies meanwhile
+    await first
+    for n in range(3):  # regular flushes while the second is prepared
+        engine.write_assert(kind, id_from_int(5000 + n), row(n, 1), OTHER, b"")
+        await engine.flush()
+    while engine._expiry is not None and not engine._expiry.ready:
+        await asyncio.sleep(0)
+    await engine.flush()  # commits the second expiry
+    seqs = [seq for seq, _ in flushes]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) == 6
+    assert kind.entities is not None
+    assert not any(e.sources & (DEAD | third) for e in kind.entities.values())
+    last = engine.seq
+    assert last == seqs[-1]
+    await engine.close()
+    engine.store.close()
+    reopened, _ = make_engine(tmp_path / "two")
+    assert reopened.seq == last
+    await reopened.close()
+    reopened.store.close()

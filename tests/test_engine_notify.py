@@ -43,3 +43,34 @@ async def test_a_failing_listener_does_not_stop_the_notifications(tmp_path: Path
     finally:
         await engine.close()
         engine.store.close()
+
+
+async def test_flushes_queued_behind_a_failing_listener_are_notified(tmp_path: Path) -> None:
+    """Three flushes queued, the listener fails on the second: the third is still notified on
+    an idle engine, and a listener after the failing one gets every flush."""
+    catalog = Catalog()
+    engine = Engine(catalog, Store(tmp_path, fsync=False), window_ms=5)
+    engine.load()
+    kind, _ = catalog.register(PLAYER.definition)
+    kind.watchers = 1
+    engine.kind_changed(kind, None)
+    failing: list[int] = []
+    after: list[int] = []
+
+    def fails_on_the_second(seq: int, changes: list[Change]) -> None:
+        failing.append(seq)
+        if len(failing) == 2:
+            raise RuntimeError("a bug in a listener")
+
+    engine.commit_listeners += [fails_on_the_second, lambda seq, changes: after.append(seq)]
+    for i in (1, 2, 3):
+        engine.write_assert(kind, id_from_int(i), PLAYER.encode(Player(f"p{i}", i)), WRITER, b"")
+        await engine._flush_durably()  # committed; its notification queued
+    last = engine.flushed_generation
+    engine.start()  # the notifier finds them queued
+    try:
+        await asyncio.wait_for(engine.wait_notified(last), timeout=60)
+        assert failing == after == [1, 2, 3]
+    finally:
+        await engine.close()
+        engine.store.close()

@@ -177,6 +177,8 @@ class Engine:
         self._dirty = False
         self._first_dirty_at = 0.0
         self._flushing = False
+        self._committing_seq = 0
+        """The seq the flush under way will commit with, if it changes something (0: none)."""
         self._not_committing = asyncio.Event()
         self._not_committing.set()
         self._last_flush_start = 0.0
@@ -188,6 +190,8 @@ class Engine:
         self._notifications: deque[_Notification] = deque()
         self._queued_changes = 0
         """The changes and events of the flushes in `_notifications`."""
+        self._last_queued = 0
+        """Those of the last flush queued (not behind anything the flush loop could wait for)."""
         self._notify_lock = asyncio.Lock()
         self._notify_wake = asyncio.Event()
         self._notifier: asyncio.Task[None] | None = None
@@ -443,7 +447,9 @@ class Engine:
         if self._expiry is not None or self._closing:
             self.retract_everywhere(bit, cause, system=True)
             return
-        expiry = self._expiry = _Expiry(bit, cause, self.seq + EXPIRY_SEQ_GAP)
+        # above the seq of the flush being committed too: it may be an expiry, numbered ahead
+        reserved = max(self.seq, self._committing_seq) + EXPIRY_SEQ_GAP
+        expiry = self._expiry = _Expiry(bit, cause, reserved)
         snapshots: list[tuple[KindState, list[tuple[bytes, Entity]]]] = []
         for kind in self.catalog.by_id.values():
             if kind.entities is None or kind.event_stream:
@@ -504,7 +510,8 @@ class Engine:
                 await asyncio.sleep(0)
                 # never while a flush commits: compiled code holds the GIL for a whole slice,
                 # and the store's thread needs it several times per commit
-                await self._not_committing.wait()
+                while not self._not_committing.is_set():
+                    await self._not_committing.wait()
                 if expiry is not self._expiry:
                     return  # given up (`source_reused`, `close`)
                 fresh: list[tuple[bytes, Entry]] = []
@@ -729,7 +736,7 @@ class Engine:
                         await asyncio.sleep(delay)
                 self._last_flush_start = time.monotonic()
                 await self._flush_durably()
-                if self._queued_changes > NOTIFY_BACKLOG:
+                if self._queued_changes - self._last_queued > NOTIFY_BACKLOG:
                     await self._notify_pending()  # the subscribers are behind: wait for them
                 if self._closing and not self._dirty:
                     return
@@ -770,6 +777,7 @@ class Engine:
         in_flight = accumulator if expiry is None else expiry.merged_with(accumulator)
         self._in_flight = in_flight  # from now on writes see it as what will be committed
         self._flushing = True
+        self._committing_seq = self.seq + 1 if expiry is None else expiry.seq
         try:
             if expiry is None:
                 seq, changes, write = await self._compute_in_slices(accumulator, None, self.seq + 1)
@@ -793,6 +801,7 @@ class Engine:
         finally:
             self._in_flight = {}
             self._flushing = False
+            self._committing_seq = 0
         self.seq = seq
         self.flushed_generation = generation
         self.flushes += 1
@@ -801,7 +810,8 @@ class Engine:
             self.on_flushed(self.last_flush_seconds)
         _resolve(self._waiters, generation, seq)
         self._notifications.append(_Notification(generation, seq, changes, events))
-        self._queued_changes += len(changes) + len(events)
+        self._last_queued = len(changes) + len(events)
+        self._queued_changes += self._last_queued
         self._notify_wake.set()
         if expiry is not None:
             # an expiry leaves ~100 bytes of entries per entity to free (tens of ms for
@@ -814,10 +824,7 @@ class Engine:
         while True:
             await self._notify_wake.wait()
             self._notify_wake.clear()
-            try:
-                await self._notify_pending()
-            except Exception:  # a listener's bug: the next flushes are still notified
-                log.exception("a listener failed on the changes of a flush")
+            await self._notify_pending()
 
     async def _notify_pending(self) -> None:
         """Give the listeners every queued flush's changes and events, in flush order; a big
@@ -840,10 +847,16 @@ class Engine:
                 changes if len(changes) <= NOTIFY_SLICE else changes[start : start + NOTIFY_SLICE]
             )
             for listener in self.commit_listeners:
-                listener(seq, part)
+                try:
+                    listener(seq, part)
+                except Exception:  # a listener's bug: the others, and later flushes, go on
+                    log.exception("a listener failed on the changes of flush %d", seq)
         if events:
             for event_listener in self.event_listeners:
-                event_listener(events)
+                try:
+                    event_listener(events)
+                except Exception:
+                    log.exception("a listener failed on the events of flush %d", seq)
 
     async def _compute_in_slices(
         self, accumulator: Accumulator, plan: Plan | None, seq: int
