@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 from convergedb import id_from_int
-from convergedb.server.catalog import Catalog
+from convergedb.server.catalog import Catalog, KindState
 from convergedb.server.engine import Change, Engine
 from convergedb.server.storage import Store
 from kinds import PLAYER, Player
@@ -15,13 +15,19 @@ from kinds import PLAYER, Player
 WRITER = 1 << 1
 
 
-async def test_a_failing_listener_does_not_stop_the_notifications(tmp_path: Path) -> None:
+def watched_engine(directory: Path) -> tuple[Engine, KindState]:
+    """An engine over a real store with one kind, watched (its changes are built)."""
     catalog = Catalog()
-    engine = Engine(catalog, Store(tmp_path, fsync=False), window_ms=5)
+    engine = Engine(catalog, Store(directory, fsync=False), window_ms=5)
     engine.load()
     kind, _ = catalog.register(PLAYER.definition)
     kind.watchers = 1
     engine.kind_changed(kind, None)
+    return engine, kind
+
+
+async def test_a_failing_listener_does_not_stop_the_notifications(tmp_path: Path) -> None:
+    engine, kind = watched_engine(tmp_path)
     seen: list[bytes] = []
 
     def listener(seq: int, changes: list[Change]) -> None:
@@ -48,12 +54,7 @@ async def test_a_failing_listener_does_not_stop_the_notifications(tmp_path: Path
 async def test_flushes_queued_behind_a_failing_listener_are_notified(tmp_path: Path) -> None:
     """Three flushes queued, the listener fails on the second: the third is still notified on
     an idle engine, and a listener after the failing one gets every flush."""
-    catalog = Catalog()
-    engine = Engine(catalog, Store(tmp_path, fsync=False), window_ms=5)
-    engine.load()
-    kind, _ = catalog.register(PLAYER.definition)
-    kind.watchers = 1
-    engine.kind_changed(kind, None)
+    engine, kind = watched_engine(tmp_path)
     failing: list[int] = []
     after: list[int] = []
 
