@@ -508,10 +508,10 @@ class Engine:
             step = self.expiry_slice
             for start in range(0, len(snapshot), step):
                 await asyncio.sleep(0)
-                # never while a flush commits: compiled code holds the GIL for a whole slice,
-                # and the store's thread needs it several times per commit
-                while not self._not_committing.is_set():
-                    await self._not_committing.wait()
+                # not while a flush commits: compiled code holds the GIL for a whole slice,
+                # and the store's thread needs it several times per commit. Once per slice:
+                # when commits follow each other back to back, it still advances between them
+                await self._not_committing.wait()
                 if expiry is not self._expiry:
                     return  # given up (`source_reused`, `close`)
                 fresh: list[tuple[bytes, Entry]] = []
