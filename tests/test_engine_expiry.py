@@ -15,7 +15,7 @@ from convergedb import id_from_int
 from convergedb.protocol.codes import DeleteCause
 from convergedb.schema.patch import encode_patch
 from convergedb.server.catalog import Catalog, KindState
-from convergedb.server.engine import EXPIRY_SEQ_GAP, Change, Engine
+from convergedb.server.engine import EXPIRY_SEQ_GAP, Change, ChangeKind, Engine
 from convergedb.server.storage import Store
 from kinds import PLAYER, Player
 
@@ -268,3 +268,34 @@ async def test_an_expiry_that_begins_while_another_commits_is_numbered_after_it(
     assert reopened.seq == last
     await reopened.close()
     reopened.store.close()
+
+
+async def test_an_expiry_whose_reserved_seqs_run_out_retracts_through_the_accumulator(
+    tmp_path: Path,
+) -> None:
+    """The flushes that commit while an expiry is prepared take the seqs below the one it
+    reserved; should they use them all up, the expiry is retracted in the next flush instead.
+    (2^20 in a server: a few here.)"""
+    engine, kind = make_engine(tmp_path / "gap")
+    flushes = listen(engine)
+    for i in range(400):
+        engine.write_assert(kind, id_from_int(i), row(i, 1), DEAD, b"")
+    await engine.flush()
+    engine.expiry_seq_gap = 3
+    engine.expiry_slice = 4
+    engine.expire(DEAD, DeleteCause.LIVENESS)
+    reserved = engine.seq + 3
+    for n in range(4):  # regular flushes, the preparation far from done
+        expiry = engine._expiry
+        assert (expiry is not None and not expiry.ready) if n < 3 else expiry is None
+        engine.write_assert(kind, id_from_int(5000 + n), row(n, 1), OTHER, b"")
+        await engine.flush()
+    seqs = [seq for seq, _ in flushes]
+    deaths = [seq for seq, changes in flushes for c in changes if c.change == ChangeKind.DELETED]
+    assert deaths == [reserved] * 400  # the third flush, through the accumulator
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert kind.entities is not None
+    assert not any(e.sources & DEAD for e in kind.entities.values())
+    assert kind.alive == 4 and kind.tombstones == 400
+    await engine.close()
+    engine.store.close()

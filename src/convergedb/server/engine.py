@@ -173,6 +173,7 @@ class Engine:
         """The liveness expiry being prepared beside the regular flushes, if any."""
         self.compute_slice = COMPUTE_SLICE
         self.expiry_slice = EXPIRY_SLICE
+        self.expiry_seq_gap = EXPIRY_SEQ_GAP
         self._dirty_kinds: dict[int, KindState] = {}
         self._dirty = False
         self._first_dirty_at = 0.0
@@ -448,7 +449,7 @@ class Engine:
             self.retract_everywhere(bit, cause, system=True)
             return
         # above the seq of the flush being committed too: it may be an expiry, numbered ahead
-        reserved = max(self.seq, self._committing_seq) + EXPIRY_SEQ_GAP
+        reserved = max(self.seq, self._committing_seq) + self.expiry_seq_gap
         expiry = self._expiry = _Expiry(bit, cause, reserved)
         snapshots: list[tuple[KindState, list[tuple[bytes, Entity]]]] = []
         for kind in self.catalog.by_id.values():
@@ -758,6 +759,9 @@ class Engine:
         When an expiry has been prepared, this flush is it: the writes received so far, then
         the expiry's retraction, numbered with the seq the expiry reserved."""
         started = time.perf_counter()
+        if self._expiry is not None and self.seq + 1 >= self._expiry.seq:
+            # the flushes meanwhile used up the seqs it left them: no longer in the background
+            self._retract_through_accumulator(self._expiry)
         expiry = self._expiry if self._expiry is not None and self._expiry.ready else None
         if expiry is not None:
             self._expiry = None
