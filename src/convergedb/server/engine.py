@@ -173,7 +173,6 @@ class Engine:
         """The accumulator of the flush being committed; its entries hold their results."""
         self._expiry: _Expiry | None = None
         """The liveness expiry being prepared beside the regular flushes, if any."""
-        self.compute_slice = COMPUTE_SLICE
         self.expiry_slice = EXPIRY_SLICE
         self.expiry_seq_gap = EXPIRY_SEQ_GAP
         self._dirty_kinds: dict[int, KindState] = {}
@@ -827,8 +826,6 @@ class Engine:
             self._releasing = asyncio.get_running_loop().create_task(
                 _release_in_slices(expiry, in_flight)
             )
-            expiry = None
-            in_flight = accumulator
 
     async def _notify_forever(self) -> None:
         while True:
@@ -871,8 +868,8 @@ class Engine:
     async def _compute_in_slices(
         self, accumulator: Accumulator, plan: Plan | None, seq: int
     ) -> Plan:
-        """`_compute`, a slice of `compute_slice` entities at a time when the flush is bigger."""
-        step = self.compute_slice
+        """`_compute`, a slice of `COMPUTE_SLICE` entities at a time when the flush is bigger."""
+        step = COMPUTE_SLICE
         if sum(map(len, accumulator.values())) <= step:
             return self._compute(
                 [(kind_id, entries.items()) for kind_id, entries in accumulator.items()], plan, seq
@@ -1031,16 +1028,19 @@ class Engine:
                 expiry.replaced.append([entities[eid] for eid, _ in applied])
                 entities.update(applied)
             _merge_tombstones(tombstones, expiry.tombstones)
-        expiry = self._expiry
+        preparing = self._expiry  # what it computed of the entities applied here is stale
         for kind_id, per_kind in accumulator.items():
             entities = by_id[kind_id].entities
-            prepared = None if expiry is None else expiry.entries.get(kind_id)
+            prepared: dict[bytes, Entry] | None = None  # None: no check on the hot path
+            stale: set[bytes] = set()
+            if preparing is not None and kind_id in preparing.entries:
+                prepared, stale = preparing.entries[kind_id], preparing.dirty[kind_id]
             for eid, entry in per_kind.items():
                 entity = entry[5]  # the result (Entry layout)
                 if entity is None:
                     continue
-                if prepared is not None and eid in prepared:  # computed against what was
-                    expiry.dirty[kind_id].add(eid)  # type: ignore[union-attr]
+                if prepared is not None and eid in prepared:
+                    stale.add(eid)
                 if entities is not None:
                     entities[eid] = entity
                 if not entity[2] and entity[6]:  # a new tombstone: due for compaction
